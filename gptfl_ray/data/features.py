@@ -1,0 +1,72 @@
+"""Turn raw samples into model inputs: normalised image tensors or log-mel spectrograms.
+
+Real and synthetic data go through the same functions, so a model pretrained on synthetic data sees the
+same input distribution the clients' data produces.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torchaudio.transforms as AT
+
+from gptfl_ray.config import AudioConfig
+from gptfl_ray.data.base import ArrayDataset, get_spec
+
+
+class LogMel(torch.nn.Module):
+    """Waveform (N, T) -> log-mel (N, 1, n_mels, frames)."""
+
+    def __init__(self, cfg: AudioConfig):
+        super().__init__()
+        self.mel = AT.MelSpectrogram(
+            sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop_length, n_mels=cfg.n_mels
+        )
+        self.to_db = AT.AmplitudeToDB(stype="power", top_db=80.0)
+
+    @torch.no_grad()
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        db = self.to_db(self.mel(wav) + 1e-10)
+        # Per-clip standardisation: loudness differs wildly between TTS engines and microphones.
+        mean = db.mean(dim=(-2, -1), keepdim=True)
+        std = db.std(dim=(-2, -1), keepdim=True).clamp_min(1e-3)
+        return ((db - mean) / std).unsqueeze(1)
+
+
+def audio_input_shape(cfg: AudioConfig) -> tuple[int, int, int]:
+    frames = round(cfg.sample_rate * cfg.clip_seconds) // cfg.hop_length + 1
+    return (1, cfg.n_mels, frames)
+
+
+def image_tensor(x: np.ndarray, dataset: str) -> torch.Tensor:
+    """uint8 (N,H,W[,C]) -> normalised float32 (N,C,H,W) using the dataset's mean/std."""
+    spec = get_spec(dataset)
+    t = torch.from_numpy(np.ascontiguousarray(x)).float().div_(255.0)
+    t = t.unsqueeze(1) if t.ndim == 3 else t.permute(0, 3, 1, 2)
+    if t.shape[1] != spec.channels:
+        t = t.mean(dim=1, keepdim=True) if spec.channels == 1 else t.expand(-1, spec.channels, -1, -1)
+    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std).view(1, -1, 1, 1)
+    return ((t - mean) / std).contiguous()
+
+
+def audio_tensor(wav: np.ndarray, cfg: AudioConfig, batch: int = 512) -> torch.Tensor:
+    """float32 waveforms (N, T) at cfg.sample_rate -> log-mel (N, 1, n_mels, frames)."""
+    logmel = LogMel(cfg)
+    parts = [
+        logmel(torch.from_numpy(np.ascontiguousarray(wav[i : i + batch]))) for i in range(0, len(wav), batch)
+    ]
+    return torch.cat(parts) if parts else torch.empty(0, *audio_input_shape(cfg))
+
+
+def to_tensors(ds: ArrayDataset, dataset: str, audio: AudioConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model inputs and int64 labels for a whole dataset."""
+    x = image_tensor(ds.x, dataset) if ds.modality == "image" else audio_tensor(ds.x, audio)
+    return x, torch.from_numpy(np.asarray(ds.y, dtype=np.int64))
+
+
+def input_shape(dataset: str, audio: AudioConfig) -> tuple[int, int, int]:
+    spec = get_spec(dataset)
+    if spec.modality == "audio":
+        return audio_input_shape(audio)
+    return (spec.channels, spec.image_size, spec.image_size)

@@ -1,0 +1,69 @@
+"""Google Speech Commands in its standard layout: ``<word>/<speaker>_nohash_<n>.wav``.
+
+Official split: ``testing_list.txt`` / ``validation_list.txt`` (paths relative to the root); everything
+else is training. ``_background_noise_`` is not a class.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from gptfl_ray.config import AudioConfig
+from gptfl_ray.data.audio import read_wav, standardize_clip
+from gptfl_ray.data.base import ArrayDataset, Splits, get_spec
+from gptfl_ray.paths import DataNotFoundError
+
+NAME = re.compile(r"^([0-9a-fA-F]+)_nohash_(\d+)\.wav$")
+
+
+def scan_speech_commands(root: Path) -> list[tuple[str, str, str]]:
+    """(relative path, word, speaker id) for every clip, sorted."""
+    if not root.is_dir():
+        raise DataNotFoundError(
+            f"Speech Commands missing: put <word>/<speaker>_nohash_<n>.wav under {root}/ "
+            f"({get_spec('speech_commands').download_hint})"
+        )
+    out = []
+    for f in sorted(root.glob("*/*.wav")):
+        word = f.parent.name
+        if word.startswith("_"):
+            continue
+        m = NAME.match(f.name)
+        if m is None:
+            raise ValueError(f"{f}: not a Speech Commands file name (<speaker>_nohash_<n>.wav)")
+        out.append((f"{word}/{f.name}", word, m.group(1).lower()))
+    if not out:
+        raise DataNotFoundError(f"Speech Commands: no <word>/*.wav files under {root}/")
+    return out
+
+
+def load_speech_commands(root: Path, audio: AudioConfig) -> Splits:
+    clips = scan_speech_commands(root)
+    words = sorted({c[1] for c in clips})
+    speakers = sorted({c[2] for c in clips})
+    wid = {w: i for i, w in enumerate(words)}
+    sid = {s: i for i, s in enumerate(speakers)}
+    test_list = root / "testing_list.txt"
+    test = set(test_list.read_text().split()) if test_list.is_file() else set()
+    x = np.stack(
+        [
+            standardize_clip(
+                *read_wav(root / c[0]), audio.sample_rate, audio.clip_seconds, audio.trim_silence
+            )
+            for c in clips
+        ]
+    )
+    full = ArrayDataset(
+        x=x,
+        y=np.array([wid[c[1]] for c in clips], dtype=np.int64),
+        label_names=words,
+        modality="audio",
+        sample_rate=audio.sample_rate,
+        groups=np.array([sid[c[2]] for c in clips], dtype=np.int64),
+        group_names=speakers,
+    )
+    is_test = np.array([c[0] in test for c in clips])
+    return Splits(train=full.subset(np.flatnonzero(~is_test)), test=full.subset(np.flatnonzero(is_test)))

@@ -1,0 +1,24 @@
+"""Where datasets live: config ``data_dir`` > ``--data-dir`` > ``$GPTFL_DATA_DIR``. Never a hard-coded path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ENV_VAR = "GPTFL_DATA_DIR"
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A dataset file is missing; the message says which files to put where."""
+
+
+def data_dir(explicit: str | Path | None = None) -> Path:
+    """Resolve the data directory (explicit argument first, then ``$GPTFL_DATA_DIR``)."""
+    if explicit:
+        return Path(explicit).expanduser()
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env).expanduser()
+    raise DataNotFoundError(
+        f"no data directory: set data_dir in the config, pass --data-dir, or export {ENV_VAR}=/path/to/data"
+    )

@@ -1,0 +1,94 @@
+import gzip
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from gptfl_ray.config import AudioConfig, DataConfig
+from gptfl_ray.data import load_dataset
+from gptfl_ray.data.features import audio_input_shape, to_tensors
+from gptfl_ray.data.mnist import load_mnist, read_idx
+from gptfl_ray.data.speech_commands import load_speech_commands, scan_speech_commands
+from gptfl_ray.paths import DataNotFoundError
+
+MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def test_mnist_decodes_with_known_counts(data_dir):
+    ds = load_mnist(data_dir / "mnist", "test")
+    assert ds.x.shape == (10_000, 28, 28) and ds.x.dtype == np.uint8
+    assert ds.class_counts().tolist() == MNIST_TEST_COUNTS
+    assert ds.y[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+    assert abs(float(ds.x.mean()) - 33.79) < 0.01
+
+
+def test_mnist_md5_mismatch_and_missing(tmp_path, data_dir):
+    with pytest.raises(DataNotFoundError, match=r"t10k-images-idx3-ubyte\.gz"):
+        load_mnist(tmp_path, "test")
+    raw = gzip.decompress((data_dir / "mnist" / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(raw))
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(
+        (data_dir / "mnist" / "t10k-images-idx3-ubyte.gz").read_bytes()
+    )
+    with pytest.raises(ValueError, match="md5 mismatch"):
+        load_mnist(tmp_path, "test")
+    assert read_idx(tmp_path / "t10k-labels-idx1-ubyte.gz").shape == (10_000,)
+
+
+def test_mnist_holdout_split(data_dir):
+    splits = load_dataset(DataConfig(dataset="mnist", test_split="holdout", num_test=2000))
+    assert len(splits.train) == 8000 and len(splits.test) == 2000
+    # stratified: every class is in both parts in proportion
+    assert np.all(np.abs(splits.test.class_counts() - np.array(MNIST_TEST_COUNTS) / 5) <= 1)
+    x, _y = to_tensors(splits.test, "mnist", AudioConfig())
+    assert x.shape == (2000, 1, 28, 28) and abs(float(x.mean())) < 0.2 and 0.8 < float(x.std()) < 1.2
+
+
+@pytest.mark.slow
+def test_fsdd_counts_speakers_and_official_split(data_dir):
+    splits = load_dataset(DataConfig(dataset="fsdd"))
+    train, test = splits.train, splits.test
+    assert len(train) + len(test) == 3000 and len(test) == 300
+    assert train.group_names == ["george", "jackson", "lucas", "nicolas", "theo", "yweweler"]
+    assert (train.class_counts() + test.class_counts()).tolist() == [300] * 10
+    assert np.bincount(np.concatenate([train.groups, test.groups])).tolist() == [500] * 6
+    assert train.x.shape[1] == 16_000 and train.sample_rate == 16_000
+    assert np.abs(train.x).max() <= 0.9 + 1e-6
+    x, _ = to_tensors(test, "fsdd", AudioConfig())
+    assert x.shape == (300, *audio_input_shape(AudioConfig()))
+
+
+def _tone(path, sr=16000, freq=440.0, dur=0.5):
+    t = np.arange(int(sr * dur)) / sr
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, 0.3 * np.sin(2 * np.pi * freq * t), sr)
+
+
+def test_speech_commands_layout(tmp_path):
+    root = tmp_path / "speech_commands"
+    files = {
+        "yes/0a7c2a8d_nohash_0.wav": ("yes", "0a7c2a8d"),
+        "yes/0a7c2a8d_nohash_1.wav": ("yes", "0a7c2a8d"),
+        "no/c50f55b8_nohash_0.wav": ("no", "c50f55b8"),
+        "up/0a7c2a8d_nohash_2.wav": ("up", "0a7c2a8d"),
+        "up/ffd2ba2f_nohash_0.wav": ("up", "ffd2ba2f"),
+    }
+    for rel in files:
+        _tone(root / rel, freq=200 + 50 * len(rel))
+    _tone(root / "_background_noise_" / "white_noise.wav")
+    (root / "testing_list.txt").write_text("up/ffd2ba2f_nohash_0.wav\n")
+    scanned = scan_speech_commands(root)
+    assert {(c[0]): (c[1], c[2]) for c in scanned} == files
+    splits = load_speech_commands(root, AudioConfig(clip_seconds=1.0))
+    assert splits.train.label_names == ["no", "up", "yes"]
+    assert splits.train.group_names == ["0a7c2a8d", "c50f55b8", "ffd2ba2f"]
+    assert len(splits.test) == 1 and splits.test.groups.tolist() == [2] and splits.test.y.tolist() == [1]
+    assert sorted(splits.train.groups.tolist()) == [0, 0, 0, 1]
+    assert splits.train.x.shape == (4, 16_000)
+
+
+def test_missing_dataset_is_one_clear_error(tmp_path):
+    with pytest.raises(DataNotFoundError, match="FSDD missing: put the WAV files"):
+        load_dataset(DataConfig(dataset="fsdd"), tmp_path)
+    with pytest.raises(DataNotFoundError, match=r"cifar10 missing.*download=True"):
+        load_dataset(DataConfig(dataset="cifar10"), tmp_path)

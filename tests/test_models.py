@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+from gptfl_ray.models import build_model, count_parameters
+
+# (name, input shape, expected parameter count for 10 classes)
+CASES = [
+    ("convnet", (1, 28, 28), 308_746),
+    ("convnet", (3, 32, 32), 320_010),
+    ("cnn", (1, 28, 28), 225_034),
+    ("audio_cnn", (1, 40, 101), 242_250),
+    ("resnet18", (3, 32, 32), 11_173_962),
+    ("resnet18", (3, 224, 224), 11_181_642),
+    ("resnet50", (3, 32, 32), 23_520_842),
+    ("resnet50", (3, 224, 224), 23_528_522),
+    ("vgg19", (3, 32, 32), 20_040_522),
+    ("vgg19", (3, 224, 224), 20_040_522),
+]
+
+
+@pytest.mark.parametrize(("name", "shape", "params"), CASES)
+def test_forward_backward_and_size(name, shape, params):
+    torch.manual_seed(0)
+    model = build_model(name, 10, shape)
+    assert count_parameters(model) == params
+    x = torch.randn(2, *shape)
+    out = model(x)
+    assert out.shape == (2, 10)
+    out.logsumexp(1).sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_unknown_model_and_too_small_input():
+    with pytest.raises(ValueError, match=r"model\.name"):
+        build_model("resnet9000", 10, (3, 32, 32))
+    with pytest.raises(ValueError, match="at least 32"):
+        build_model("vgg19", 10, (1, 28, 28))
