@@ -1,0 +1,170 @@
+"""Report for a run folder: mean±std tables over seeds, plots (PNG) and ``report.md``.
+
+Inputs are the files the steps wrote: ``results.json`` (index written by ``gptfl run``), each FL arm's
+``metrics.jsonl``/``summary.json`` and each pretraining's ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gptfl_ray.io import atomic_write_json, atomic_write_text, read_json, read_jsonl
+
+ARM_COLORS = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+
+
+def mean_std(values: list[float | None]) -> tuple[float, float, int]:
+    xs = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not xs:
+        return float("nan"), float("nan"), 0
+    return float(np.mean(xs)), float(np.std(xs)), len(xs)
+
+
+def fmt_pct(m: float, s: float, n: int) -> str:
+    if n == 0:
+        return "–"
+    return f"{100 * m:.2f} ± {100 * s:.2f}" if n > 1 else f"{100 * m:.2f}"
+
+
+def fmt_num(values: list[float | None], unit: str = "") -> str:
+    xs = [v for v in values if v is not None]
+    if not xs:
+        return "not reached"
+    m = float(np.mean(xs))
+    reached = f" ({len(xs)}/{len(values)} seeds)" if len(xs) < len(values) else ""
+    return f"{m:.1f}{unit}{reached}" if unit else f"{m:.1f}{reached}"
+
+
+def collect(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """Per-arm table rows and per-seed curves from the arm folders."""
+    rows, curves = [], {}
+    for arm, by_seed in results["arms"].items():
+        summaries, arm_curves = [], []
+        for _seed, entry in sorted(by_seed.items()):
+            folder = run_dir / entry["dir"]
+            summaries.append(read_json(folder / "summary.json"))
+            arm_curves.append(read_jsonl(folder / "metrics.jsonl"))
+        curves[arm] = arm_curves
+        rows.append({
+            "arm": arm,
+            "final_accuracy": mean_std([s.get("final_accuracy") for s in summaries]),
+            "best_accuracy": mean_std([s.get("best_accuracy") for s in summaries]),
+            "rounds_to_target": [s.get("rounds_to_target") for s in summaries],
+            "mb_to_target": [s.get("mb_to_target") for s in summaries],
+            "total_mb": mean_std([s.get("total_mb") for s in summaries])[0],
+            "rounds": summaries[0].get("rounds") if summaries else None,
+            "strategy": summaries[0].get("strategy") if summaries else None,
+        })
+    syn = [v.get("real_test_accuracy") for v in results.get("synthetic_only", {}).values()]
+    return {"rows": rows, "curves": curves, "synthetic_only": mean_std(syn)}
+
+
+def _plot(curves: dict[str, list[list[dict]]], x_key: str, y_key: str, xlabel: str, ylabel: str, path: Path,
+          synthetic_only: float | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, (arm, seeds) in enumerate(curves.items()):
+        color = ARM_COLORS[i % len(ARM_COLORS)]
+        series = [[(r[x_key], r[y_key]) for r in recs if r.get(y_key) is not None and r.get(x_key) is not None]
+                  for recs in seeds]
+        series = [s for s in series if s]
+        if not series:
+            continue
+        n = min(len(s) for s in series)
+        xs = np.array([[p[0] for p in s[:n]] for s in series]).mean(0)
+        ys = np.array([[p[1] for p in s[:n]] for s in series])
+        ax.plot(xs, ys.mean(0), label=arm, color=color)
+        if len(series) > 1:
+            ax.fill_between(xs, ys.min(0), ys.max(0), color=color, alpha=0.15)
+    if synthetic_only is not None and not math.isnan(synthetic_only):
+        ax.axhline(synthetic_only, ls="--", color="k", lw=1, label="synthetic only")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def table_lines(data: dict[str, Any], target: float | None) -> list[str]:
+    head = "| arm | final acc % (mean ± std) | best acc % | rounds to target | MB to target | total MB |"
+    lines = [head, "|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['arm']} | {fmt_pct(*r['final_accuracy'])} | {fmt_pct(*r['best_accuracy'])} | "
+            f"{fmt_num(r['rounds_to_target']) if target else '–'} | "
+            f"{fmt_num(r['mb_to_target'], ' MB') if target else '–'} | {r['total_mb']:.1f} |"
+        )
+    lines.append(f"| synthetic only (no FL) | {fmt_pct(*data['synthetic_only'])} | – | – | – | 0.0 |")
+    return lines
+
+
+def write_report(run_dir: Path, results: dict[str, Any]) -> Path:
+    """Write results.json, plots and report.md into ``run_dir``; return the report path."""
+    run_dir = Path(run_dir)
+    atomic_write_json(run_dir / "results.json", results)
+    data = collect(run_dir, results)
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    syn = data["synthetic_only"][0]
+    _plot(data["curves"], "round", "accuracy", "round", "test accuracy", plots / "accuracy_vs_round.png", syn)
+    _plot(data["curves"], "cum_mb", "accuracy", "cumulative communication (MB)", "test accuracy",
+          plots / "accuracy_vs_mb.png", syn)
+    _plot(data["curves"], "round", "grad_diversity", "round", "gradient diversity",
+          plots / "grad_diversity.png")
+    target = results.get("target_accuracy")
+    lines = [
+        f"# GPT-FL run: {results.get('name', run_dir.name)}",
+        "",
+        f"Seeds: {results.get('seeds')}. Target accuracy: {f'{100 * target:.0f}%' if target else 'none'}. "
+        f"Wall time: {results.get('wall_time_s', float('nan')):.0f} s.",
+        "",
+        *table_lines(data, target),
+        "",
+        "`gptfl` = FL starting from the weights pretrained on synthetic data; the other arms are the baselines;",
+        "`synthetic only` = the pretrained model evaluated on the real test set without any FL.",
+        "",
+        "![accuracy vs round](plots/accuracy_vs_round.png)",
+        "![accuracy vs communication](plots/accuracy_vs_mb.png)",
+        "![gradient diversity](plots/grad_diversity.png)",
+        "",
+    ]
+    path = run_dir / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    atomic_write_json(run_dir / "summary.json", {
+        "rows": [{**r, "final_accuracy_mean": r["final_accuracy"][0], "final_accuracy_std": r["final_accuracy"][1]}
+                 for r in data["rows"]],
+        "synthetic_only_mean": data["synthetic_only"][0],
+        "synthetic_only_std": data["synthetic_only"][1],
+    })
+    return path
+
+
+def print_summary_table(results: dict[str, Any], run_dir: Path) -> None:
+    data = collect(Path(run_dir), results)
+    print()
+    print("\n".join(table_lines(data, results.get("target_accuracy"))))
+    print()
+
+
+def report_command(args) -> int:
+    run_dir = Path(args.run_dir)
+    index = run_dir / "results.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{index}: not a finished run folder (no results.json)")
+    results = read_json(index)
+    path = write_report(run_dir, results)
+    print_summary_table(results, run_dir)
+    print(f"report: {path}")
+    return 0

@@ -1,0 +1,186 @@
+"""``gptfl run``: GPT-FL end to end for one config, with its baselines, in one run folder.
+
+    labels ─► prompts + generate ─► pretrain (per seed) ─► FL from the pretrained weights (GPT-FL)
+                                                        └► each `baselines:` arm (FL from random init, …)
+                                                        └► report.md, plots, summary table
+
+Every step writes its output into the run folder under a name carrying its config hash, and is skipped when
+that output is complete; ``--resume RUN_DIR`` reruns the same config and continues whatever was unfinished
+(FL arms resume from their last checkpoint, pretraining from its last epoch).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from gptfl_ray.config import BaselineConfig, ConfigError, RunConfig, config_hash, load_config, save_config
+from gptfl_ray.io import read_json
+
+log = logging.getLogger(__name__)
+
+GPTFL_ARM = "gptfl"
+
+
+# ------------------------------------------------------------------------------------------ arms
+def arm_config(cfg: RunConfig, baseline: BaselineConfig | None) -> RunConfig:
+    """The run config of one arm: the main config with the baseline's `fl` overrides applied."""
+    if baseline is None:
+        return cfg
+    merged = _deep_merge(cfg.fl.model_dump(mode="json"), baseline.fl)
+    try:
+        return cfg.model_copy(update={"fl": type(cfg.fl).model_validate(merged)})
+    except Exception as err:  # pydantic ValidationError -> one line naming the arm
+        raise ConfigError(f"baselines[{baseline.name}].fl: {err}".splitlines()[0]) from None
+
+
+def arms(cfg: RunConfig) -> list[tuple[str, RunConfig, bool]]:
+    """(arm name, arm config, starts from pretrained weights) for GPT-FL and each baseline."""
+    out = [(GPTFL_ARM, cfg, True)]
+    names = {GPTFL_ARM}
+    for b in cfg.baselines:
+        if b.name in names:
+            raise ConfigError(f"baselines: duplicate arm name {b.name!r}")
+        names.add(b.name)
+        out.append((b.name, arm_config(cfg, b), b.init == "pretrained"))
+    return out
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# ------------------------------------------------------------------------------------------ steps
+def synthetic_key(cfg: RunConfig, label_names: list[str] | None) -> str:
+    return config_hash(cfg.data.dataset, cfg.labels, cfg.prompts, cfg.generate, label_names)
+
+
+def step_labels(cfg: RunConfig, run_dir: Path) -> list[str] | None:
+    """Label names for the prompts: from the config, the dataset (None), or collected privately."""
+    if cfg.labels.source == "config":
+        if not cfg.labels.names:
+            raise ConfigError("labels.names: required when labels.source is 'config'")
+        return list(cfg.labels.names)
+    if cfg.labels.source == "dataset":
+        return None
+    from gptfl_ray.labels.collect import collect_labels
+
+    path = run_dir / f"labels-{config_hash(cfg.data, cfg.partition, cfg.labels, cfg.seeds[0])}.json"
+    if path.is_file():
+        log.info("labels: cached %s", path.name)
+        return read_json(path)["labels"]
+    log.info("labels: collecting the label union with IBLT + secure aggregation")
+    return collect_labels(cfg, cfg.seeds[0], cfg.data_dir, output=path)["labels"]
+
+
+def step_generate(cfg: RunConfig, run_dir: Path, label_names: list[str] | None) -> Path:
+    from gptfl_ray.generate.pipeline import generate
+
+    out = run_dir / f"synthetic-{synthetic_key(cfg, label_names)}"
+    if (out / "manifest.json").is_file() and read_json(out / "manifest.json").get("complete"):
+        log.info("generate: cached %s", out.name)
+        return out
+    log.info("generate: %s -> %s", cfg.generate.generator, out.name)
+    generate(cfg, out, label_names=label_names, data_dir=cfg.data_dir)
+    return out
+
+
+def step_pretrain(cfg: RunConfig, run_dir: Path, synthetic: Path, seed: int, test) -> tuple[Path, dict]:
+    from gptfl_ray.pretrain import pretrain, pretrain_key
+
+    out = run_dir / f"pretrain-{pretrain_key(cfg, synthetic.name, seed)}-seed{seed}"
+    metrics = pretrain(cfg, synthetic, out, seed=seed, test=test)
+    return out / "weights.safetensors", metrics
+
+
+def step_federate(arm_cfg: RunConfig, out: Path, seed: int, init: Path | None, data) -> dict:
+    from gptfl_ray.fl.runner import run_federated
+
+    if (out / "summary.json").is_file():
+        log.info("federate: cached %s", out.name)
+        return read_json(out / "summary.json")
+    resume = (out / "checkpoint").is_dir()
+    log.info("federate: %s%s", out.name, " (resuming)" if resume else "")
+    return run_federated(arm_cfg, seed=seed, out_dir=out, init_weights=init, resume=resume, data=data)
+
+
+def fl_dir(run_dir: Path, arm: str, arm_cfg: RunConfig, seed: int, init_key: str) -> Path:
+    key = config_hash(arm_cfg.data, arm_cfg.partition, arm_cfg.model, arm_cfg.fl, init_key, seed)
+    return run_dir / "fl" / f"{arm}-seed{seed}-{key}"
+
+
+# ------------------------------------------------------------------------------------------ driver
+def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+    """Run every step for every seed into ``run_dir``; return the results index the report reads."""
+    from gptfl_ray.fl.runner import prepare_federated_data
+    from gptfl_ray.pretrain import real_test_tensors
+    from gptfl_ray.report import write_report
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    t0 = time.perf_counter()
+    label_names = step_labels(cfg, run_dir)
+    synthetic = step_generate(cfg, run_dir, label_names)
+    test = real_test_tensors(cfg)
+    results: dict[str, Any] = {"name": cfg.name, "seeds": cfg.seeds, "arms": {}, "synthetic_only": {},
+                               "target_accuracy": cfg.fl.target_accuracy, "synthetic_dir": synthetic.name}
+    for seed in cfg.seeds:
+        weights, pre = step_pretrain(cfg, run_dir, synthetic, seed, test)
+        results["synthetic_only"][str(seed)] = {
+            "real_test_accuracy": pre.get("real_test_accuracy"),
+            "val_accuracy": pre.get("final_val_accuracy"),
+            "pretrain_dir": weights.parent.name,
+        }
+        data = prepare_federated_data(cfg, seed, cfg.data_dir)
+        for arm, arm_cfg, from_pretrained in arms(cfg):
+            init = weights if from_pretrained else None
+            out = fl_dir(run_dir, arm, arm_cfg, seed, weights.parent.name if init else "random")
+            summary = step_federate(arm_cfg, out, seed, init, data)
+            results["arms"].setdefault(arm, {})[str(seed)] = {"dir": str(out.relative_to(run_dir)),
+                                                              "final_accuracy": summary.get("final_accuracy")}
+    results["wall_time_s"] = time.perf_counter() - t0
+    report = write_report(run_dir, results)
+    return {"results": results, "report": report}
+
+
+def new_run_dir(cfg: RunConfig, output: str | None) -> Path:
+    if output:
+        return Path(output)
+    return cfg.output_dir / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_command(args) -> int:
+    import ray
+
+    from gptfl_ray.report import print_summary_table
+
+    cfg: RunConfig = args.cfg
+    if args.resume:
+        run_dir = Path(args.resume)
+        saved = run_dir / "config.yaml"
+        if not saved.is_file():
+            raise FileNotFoundError(f"{saved}: not a run folder (no config.yaml)")
+        # The run folder's own config is the source of truth; --set overrides still apply on top.
+        cfg = load_config(saved, args.overrides)
+    else:
+        run_dir = new_run_dir(cfg, args.output)
+    started = not ray.is_initialized()
+    if started:
+        ctx = ray.init(address=cfg.ray_address, configure_logging=False)
+        url = getattr(ctx, "dashboard_url", None)
+        print(f"Ray dashboard: http://{url}" if url else "Ray dashboard: not running", flush=True)
+    print(f"run folder: {run_dir}", flush=True)
+    try:
+        out = run(cfg, run_dir)
+    finally:
+        if started:
+            ray.shutdown()
+    print_summary_table(out["results"], run_dir)
+    print(f"report: {out['report']}")
+    return 0
