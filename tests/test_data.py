@@ -92,3 +92,20 @@ def test_missing_dataset_is_one_clear_error(tmp_path):
         load_dataset(DataConfig(dataset="fsdd"), tmp_path)
     with pytest.raises(DataNotFoundError, match=r"cifar10 missing.*download=True"):
         load_dataset(DataConfig(dataset="cifar10"), tmp_path)
+
+
+def test_esc50_layout(tmp_path):
+    from gptfl_ray.data.esc50 import load_esc50
+
+    root = tmp_path / "esc50"
+    rows = [("1-100-A-0.wav", 1, 0, "dog"), ("5-200-A-1.wav", 5, 1, "chirping_birds"), ("2-300-B-0.wav", 2, 0, "dog")]
+    lines = ["filename,fold,target,category,esc10,src_file,take"]
+    for name, fold, target, cat in rows:
+        _tone(root / "audio" / name, sr=44_100, freq=300 + 100 * target, dur=5.0)
+        lines.append(f"{name},{fold},{target},{cat},False,x,A")
+    (root / "meta").mkdir()
+    (root / "meta" / "esc50.csv").write_text("\n".join(lines) + "\n")
+    splits = load_esc50(root, AudioConfig(clip_seconds=1.0))
+    assert splits.train.label_names == ["dog", "chirping birds"]
+    assert len(splits.train) == 2 and splits.test.y.tolist() == [1]
+    assert splits.test.x.shape == (1, 16_000)

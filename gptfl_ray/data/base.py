@@ -94,6 +94,13 @@ SPECS: dict[str, DatasetSpec] = {
         label_names=(),  # read from the folder layout
         download_hint="torchvision-style download: http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz",
     ),
+    "esc50": DatasetSpec(
+        name="esc50",
+        modality="audio",
+        num_classes=50,
+        label_names=(),  # read from meta/esc50.csv
+        download_hint="https://github.com/karolpiczak/ESC-50 (where a network exists)",
+    ),
     "cifar10": DatasetSpec(
         name="cifar10",
         modality="image",

@@ -31,6 +31,10 @@ def _load_raw(cfg: DataConfig, root: Path) -> Splits | ArrayDataset:
 
         splits = load_speech_commands(root, cfg.audio)
         return splits if len(splits.test) else splits.train
+    if cfg.dataset == "esc50":
+        from gptfl_ray.data.esc50 import load_esc50
+
+        return load_esc50(root, cfg.audio)
     if cfg.dataset in ("cifar10", "cifar100"):
         from gptfl_ray.data.vision import load_cifar
 

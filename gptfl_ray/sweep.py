@@ -1,0 +1,295 @@
+"""``gptfl sweep``: Ray Tune over GPT-FL's FL step (algorithms × init × seeds × α × …) for one sweep YAML.
+
+A sweep file names a base run config and a grid of dotted config paths (plus ``init`` and ``seed``)::
+
+    name: quickstart
+    base: ../configs/mnist-glyphs-quick.yaml      # relative to this file
+    set: {fl.rounds: 20}                           # overrides of the base
+    grid:
+      fl.strategy: [{name: fedavg}, {name: fedprox, mu: 0.01}]
+      init: [pretrained, random]
+      seed: [0, 1]
+
+The driver first builds the shared inputs once per distinct config — synthetic data, and pretrained weights per
+seed — in ``<sweep>/shared``; then every grid point becomes a Tune trial running the FL job in its own actor
+placement group, reporting every round to Tune. ``--resume`` restores the Tuner and never reruns finished trials;
+an unfinished FL trial continues from its own checkpoint. The sweep ends with the same table and plots as a run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
+
+from gptfl_ray.config import (
+    ConfigError,
+    RunConfig,
+    Section,
+    apply_overrides,
+    config_hash,
+    read_yaml,
+    validate_config,
+)
+from gptfl_ray.io import atomic_write_json, read_json
+
+log = logging.getLogger(__name__)
+
+SPECIAL_KEYS = ("init", "seed")
+IMAGE_DATASETS = {"mnist", "cifar10", "cifar100", "flowers102"}
+
+
+class SweepConfig(Section):
+    name: str
+    base: Path  # run config, relative to the sweep file
+    set: dict[str, Any] = Field(default_factory=dict)  # dotted overrides of the base
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    # "federated": FL trials; "synthetic_only": the pretrained model on the real test set (no FL).
+    kind: Literal["federated", "synthetic_only"] = "federated"
+    smoke: dict[str, Any] = Field(default_factory=dict)  # extra dotted overrides for --smoke
+    max_concurrent_trials: int | None = Field(None, gt=0)
+    max_failures: int = Field(2, ge=0)
+    description: str = ""
+
+
+# Tiny substitutes that make any sweep run in seconds on the offline datasets (`--smoke`).
+SMOKE_IMAGE = {
+    "data.dataset": "mnist", "data.test_split": "holdout", "data.num_test": 300, "data.num_train": 600,
+    "data.root": None, "generate.generator": "glyphs", "generate.model_id": None, "generate.options": {},
+    "model.name": "convnet", "model.width": 8, "partition.method": "dirichlet",
+}
+SMOKE_AUDIO = {
+    "data.dataset": "fsdd", "data.test_split": "official", "data.num_test": 200, "data.num_train": 600,
+    "data.root": None, "generate.generator": "espeak", "generate.model_id": None, "generate.options": {},
+    "model.name": "audio_cnn", "partition.method": "natural", "partition.sub_splits": 1,
+}
+SMOKE_COMMON = {
+    "partition.num_clients": 6, "partition.min_size": 1, "prompts.num_per_class": 8, "prompts.scale": None,
+    "prompts.expander.backend": "templates", "generate.batch_size": 40, "generate.concurrency": 1,
+    "generate.num_gpus": 0, "generate.rows_per_shard": 80, "pretrain.epochs": 1, "pretrain.use_gpu": False,
+    "pretrain.num_workers": 1, "fl.rounds": 2, "fl.clients_per_round": 3, "fl.num_actors": 1,
+    "fl.actor_num_gpus": 0, "fl.isolated_clients": 2, "fl.checkpoint_every": 1, "seeds": [0],
+}
+
+
+# ------------------------------------------------------------------------------------------ loading
+def load_sweep(path: str | Path, overrides: list[str] | None = None, smoke: bool = False) -> tuple[SweepConfig, RunConfig]:
+    """Validate a sweep file and its base run config (with `set`, smoke substitutes and --set applied)."""
+    path = Path(path)
+    raw = read_yaml(path)
+    try:
+        sweep = SweepConfig.model_validate(raw)
+    except ValidationError as err:
+        e = err.errors()[0]
+        raise ConfigError(f"{path}: {'.'.join(map(str, e['loc']))}: {e['msg']}") from None
+    base_path = (path.parent / sweep.base).resolve()
+    base = read_yaml(base_path)
+    dotted = dict(sweep.set)
+    if smoke:
+        probe = validate_config(apply_overrides(base, [_kv(k, v) for k, v in dotted.items()]), str(base_path))
+        modality = "image" if probe.data.dataset in IMAGE_DATASETS else "audio"
+        dotted.update({**(SMOKE_IMAGE if modality == "image" else SMOKE_AUDIO), **SMOKE_COMMON, **sweep.smoke})
+    raw_run = apply_overrides(base, [_kv(k, v) for k, v in dotted.items()] + list(overrides or []))
+    run = validate_config(raw_run, f"{path} (base {sweep.base})")
+    for key, values in sweep.grid.items():
+        if not values:
+            raise ConfigError(f"{path}: grid.{key}: empty list")
+        if key in SPECIAL_KEYS:
+            continue
+        for v in values:  # every grid value must make a valid config
+            validate_config(apply_overrides(raw_run, [_kv(key, v)]), f"{path}: grid.{key}={v!r}")
+    if smoke:
+        sweep = sweep.model_copy(update={"grid": _smoke_grid(sweep.grid)})
+    return sweep, run
+
+
+def _kv(key: str, value: Any) -> str:
+    import json
+
+    return f"{key}={json.dumps(value)}"
+
+
+def _smoke_grid(grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """One value per key (both values of `init`, one seed): every code path, fewest trials."""
+    return {k: (v if k == "init" else v[:1]) for k, v in grid.items()}
+
+
+def grid_points(sweep: SweepConfig, run: RunConfig) -> list[dict[str, Any]]:
+    """Every grid point as {"arm", "seed", "init", "run" (validated config JSON)}."""
+    keys = list(sweep.grid)
+    points = []
+    for combo in itertools.product(*(sweep.grid[k] for k in keys)):
+        values = dict(zip(keys, combo, strict=True))
+        seed = int(values.pop("seed", run.seeds[0]))
+        init = values.pop("init", "pretrained" if sweep.kind == "synthetic_only" else "random")
+        if init not in ("random", "pretrained"):
+            raise ConfigError(f"grid.init: must be 'random' or 'pretrained' (got {init!r})")
+        raw = apply_overrides(run.model_dump(mode="json"), [_kv(k, v) for k, v in values.items()])
+        cfg = validate_config(raw, f"grid point {values}")
+        arm = ",".join([f"init={init}"] + [f"{_short(k)}={_label(v)}" for k, v in values.items()])
+        points.append({"arm": arm, "seed": seed, "init": init, "run": cfg.model_dump(mode="json")})
+    return points
+
+
+def _short(key: str) -> str:
+    return key.split(".")[-1]
+
+
+def _label(v: Any) -> str:
+    if isinstance(v, dict):
+        rest = ",".join(f"{k}={x}" for k, x in v.items() if k != "name")
+        return f"{v.get('name', '?')}" + (f"({rest})" if rest else "")
+    return str(v)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text)[:80]
+
+
+# ------------------------------------------------------------------------------------------ shared inputs
+def build_shared(points: list[dict[str, Any]], shared: Path) -> None:
+    """Synthetic data per distinct generation config and pretrained weights per (config, seed) — once each."""
+    from gptfl_ray.pretrain import real_test_tensors
+    from gptfl_ray.run import step_generate, step_labels, step_pretrain
+
+    synthetic_dirs: dict[str, Path] = {}
+    pretrained: dict[str, tuple[Path, dict]] = {}
+    tests: dict[str, Any] = {}
+    for p in points:
+        if p["init"] != "pretrained":
+            continue
+        cfg = RunConfig.model_validate(p["run"])
+        labels = step_labels(cfg, shared)
+        gkey = config_hash(cfg.data.dataset, cfg.labels, cfg.prompts, cfg.generate, labels)
+        if gkey not in synthetic_dirs:
+            synthetic_dirs[gkey] = step_generate(cfg, shared, labels)
+        dkey = config_hash(cfg.data)
+        if dkey not in tests:
+            tests[dkey] = real_test_tensors(cfg)
+        pkey = config_hash(gkey, cfg.model, cfg.pretrain, cfg.data.audio, p["seed"])
+        if pkey not in pretrained:
+            pretrained[pkey] = step_pretrain(cfg, shared, synthetic_dirs[gkey], p["seed"], tests[dkey])
+        weights, metrics = pretrained[pkey]
+        p["init_weights"] = str(weights)
+        p["synthetic_only"] = metrics.get("real_test_accuracy")
+
+
+# ------------------------------------------------------------------------------------------ trainable
+def _scalar_metrics(m: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in m.items() if isinstance(v, int | float | bool | str) or v is None}
+
+
+def fl_trial(config: dict[str, Any]) -> None:
+    """Tune function trainable: one FL job; every evaluated round is reported to Tune."""
+    from ray import tune
+
+    point = config["point"]
+    out = Path(point["trial_dir"])
+    if point.get("kind") == "synthetic_only":
+        tune.report({"accuracy": point.get("synthetic_only"), "round": 0, "done": True})
+        return
+    from gptfl_ray.fl.runner import run_federated
+
+    cfg = RunConfig.model_validate(point["run"])
+    if (out / "summary.json").is_file():
+        summary = read_json(out / "summary.json")
+    else:
+        summary = run_federated(
+            cfg, seed=point["seed"], out_dir=out, init_weights=point.get("init_weights"),
+            resume=(out / "checkpoint").is_dir(),
+            on_round=lambda m: tune.report(_scalar_metrics({k: v for k, v in m.items() if k != "sampled"})),
+        )
+    tune.report({**_scalar_metrics(summary), "accuracy": summary.get("final_accuracy"), "done": True})
+
+
+def trial_resources(cfg: RunConfig):
+    """The trial's placement group: an empty head bundle (the trainable waits) + one bundle per client actor."""
+    from ray import tune
+
+    actor = {"CPU": cfg.fl.actor_num_cpus, **({"GPU": cfg.fl.actor_num_gpus} if cfg.fl.actor_num_gpus else {})}
+    return tune.PlacementGroupFactory([{}] + [dict(actor) for _ in range(cfg.fl.num_actors)], strategy="PACK")
+
+
+# ------------------------------------------------------------------------------------------ driver
+def sweep(sweep_cfg: SweepConfig, run: RunConfig, sweep_dir: Path, resume: bool = False) -> dict[str, Any]:
+    from ray import tune
+
+    from gptfl_ray.report import write_report
+
+    sweep_dir = Path(sweep_dir).resolve()
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    points = grid_points(sweep_cfg, run)
+    if sweep_cfg.kind == "synthetic_only":
+        for p in points:
+            p["init"] = "pretrained"
+    build_shared(points, sweep_dir / "shared")
+    for p in points:
+        p["kind"] = sweep_cfg.kind
+        key = config_hash(p["run"], p["init"], p.get("init_weights"), p["seed"], length=8)
+        p["trial_dir"] = str(sweep_dir / "trials" / f"{_slug(p['arm'])}-seed{p['seed']}-{key}")
+    atomic_write_json(sweep_dir / "points.json", points)
+
+    storage = str(sweep_dir / "tune")
+    trainable = tune.with_resources(fl_trial, trial_resources(run))
+    if resume and tune.Tuner.can_restore(f"{storage}/{sweep_cfg.name}"):
+        log.info("restoring the Tune experiment in %s", storage)
+        tuner = tune.Tuner.restore(f"{storage}/{sweep_cfg.name}", trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"point": tune.grid_search(points)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=sweep_cfg.max_concurrent_trials,
+                                        trial_name_creator=lambda t: _slug(t.config["point"]["arm"])[:60],
+                                        trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
+            run_config=tune.RunConfig(name=sweep_cfg.name, storage_path=storage,
+                                      failure_config=tune.FailureConfig(max_failures=sweep_cfg.max_failures)),
+        )
+    grid = tuner.fit()
+    errors = [str(r.error).splitlines()[0] for r in grid if r.error]
+    results: dict[str, Any] = {"name": sweep_cfg.name, "seeds": sorted({p["seed"] for p in points}), "arms": {},
+                               "synthetic_only": {}, "target_accuracy": run.fl.target_accuracy,
+                               "errors": errors}
+    for p in points:
+        if p.get("synthetic_only") is not None:
+            results["synthetic_only"][str(p["seed"])] = {"real_test_accuracy": p["synthetic_only"]}
+        if sweep_cfg.kind == "federated" and (Path(p["trial_dir"]) / "summary.json").is_file():
+            results["arms"].setdefault(p["arm"], {})[str(p["seed"])] = {
+                "dir": str(Path(p["trial_dir"]).relative_to(sweep_dir))}
+    report = write_report(sweep_dir, results)
+    return {"results": results, "report": report, "errors": errors}
+
+
+def default_sweep_dir(sweep_cfg: SweepConfig, run: RunConfig, smoke: bool) -> Path:
+    return run.output_dir / "sweeps" / (sweep_cfg.name + ("-smoke" if smoke else ""))
+
+
+def sweep_command(args) -> int:
+    import ray
+
+    from gptfl_ray.report import print_summary_table
+
+    sweep_cfg, run = load_sweep(args.config, args.overrides, smoke=args.smoke)
+    sweep_dir = Path(args.output) if args.output else default_sweep_dir(sweep_cfg, run, args.smoke)
+    started = not ray.is_initialized()
+    if started:
+        ctx = ray.init(address=run.ray_address, configure_logging=False)
+        url = getattr(ctx, "dashboard_url", None)
+        print(f"Ray dashboard: http://{url}" if url else "Ray dashboard: not running", flush=True)
+    print(f"sweep folder: {sweep_dir}", flush=True)
+    try:
+        out = sweep(sweep_cfg, run, sweep_dir, resume=args.resume)
+    finally:
+        if started:
+            ray.shutdown()
+    print_summary_table(out["results"], sweep_dir)
+    for e in out["errors"]:
+        print(f"failed trial: {e}")
+    print(f"report: {out['report']}")
+    return 1 if out["errors"] else 0
+
+
+__all__ = ["SweepConfig", "fl_trial", "grid_points", "load_sweep", "sweep", "sweep_command"]
