@@ -77,7 +77,9 @@ def _train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(config["seed"] + ray.train.get_context().get_world_rank())
     cfg = RunConfig.model_validate(config["run_cfg"])
     pcfg = cfg.pretrain
-    model = build_model(cfg.model.name, config["num_classes"], tuple(config["input_shape"]), width=cfg.model.width)
+    model = build_model(
+        cfg.model.name, config["num_classes"], tuple(config["input_shape"]), width=cfg.model.width
+    )
     model = ray.train.torch.prepare_model(model)
     opt = make_optimizer(model.parameters(), pcfg.optimizer)
     steps_per_epoch = max(1, math.ceil(config["num_train"] / (pcfg.batch_size * config["world_size"])))
@@ -123,9 +125,15 @@ def _train_loop(config: dict[str, Any]) -> None:
             seen += len(y)
             loss_sum += float(loss) * len(y)
         train_time = time.perf_counter() - t0
-        metrics = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_samples": seen,
-                   "train_time_s": train_time, "samples_per_s": seen / max(train_time, 1e-9),
-                   "lr": opt.param_groups[0]["lr"]}
+        metrics = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(seen, 1),
+            "train_samples": seen,
+            "train_time_s": train_time,
+            "samples_per_s": seen / max(train_time, 1e-9),
+            "lr": opt.param_groups[0]["lr"],
+            "start_epoch": start_epoch,
+        }
         if val_shard is not None:
             correct, total, vloss = _validate(model, val_shard, device)
             correct, total, vloss = _all_reduce([correct, total, vloss])
@@ -134,9 +142,13 @@ def _train_loop(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if ray.train.get_context().get_world_rank() == 0:
-                state = {"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                         "scheduler": sched.state_dict() if sched is not None else None,
-                         "rng": torch.get_rng_state(), "epoch": epoch}
+                state = {
+                    "model": _unwrap(model).state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict() if sched is not None else None,
+                    "rng": torch.get_rng_state(),
+                    "epoch": epoch,
+                }
                 torch.save(state, Path(d) / "state.pt")
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
@@ -150,8 +162,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def _validate(model: nn.Module, shard, device) -> tuple[float, float, float]:
     model.eval()
     correct = total = loss = 0.0
-    for batch in shard.iter_torch_batches(batch_size=512, dtypes={"x": torch.float32, "y": torch.int64},
-                                          device=device):
+    for batch in shard.iter_torch_batches(
+        batch_size=512, dtypes={"x": torch.float32, "y": torch.int64}, device=device
+    ):
         out = model(batch["x"])
         loss += float(nn.functional.cross_entropy(out, batch["y"], reduction="sum"))
         correct += float((out.argmax(1) == batch["y"]).sum())
@@ -173,43 +186,21 @@ def pretrain_key(cfg: RunConfig, synthetic_hash: str, seed: int) -> str:
     return config_hash(synthetic_hash, cfg.model, cfg.pretrain, cfg.data.audio, seed)
 
 
-def pretrain(
+def fit(
     cfg: RunConfig,
-    synthetic_dir: Path,
+    datasets: dict[str, Any],
+    num_classes: int,
+    shape: tuple[int, ...],
     out_dir: Path,
     *,
     seed: int,
-    test: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> dict[str, Any]:
-    """Train on ``synthetic_dir`` with Ray Train; write ``out_dir/weights.safetensors`` and ``metrics.json``.
-
-    Reruns with the same ``out_dir`` resume from the latest epoch checkpoint; a finished run is returned from disk.
-    ``test`` (real test tensors) adds the synthetic-only centralized accuracy, the paper's "synthetic only" number.
-    """
-    import ray
+) -> tuple[dict[str, torch.Tensor], Any, float]:
+    """Run the TorchTrainer on Ray Datasets with columns x/y; return (final state dict, Result, wall seconds)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from gptfl_ray.data.features import input_shape
-    from gptfl_ray.data.synthetic import read_manifest, synthetic_ray_dataset
-
-    out_dir = Path(out_dir).resolve()
-    done = out_dir / "metrics.json"
-    if done.is_file() and (out_dir / "weights.safetensors").is_file():
-        log.info("pretraining already finished in %s", out_dir)
-        return read_json(done)
-    manifest = read_manifest(synthetic_dir)
-    spec = get_spec(cfg.data.dataset)
-    shape = input_shape(cfg.data.dataset, cfg.data.audio)
-    num_classes = len(manifest["label_names"])
-
-    ds = synthetic_ray_dataset(synthetic_dir, cfg.data).materialize()
-    datasets = {"train": ds}
-    if cfg.pretrain.val_fraction > 0:
-        train_ds, val_ds = ds.train_test_split(test_size=cfg.pretrain.val_fraction, shuffle=True, seed=seed)
-        datasets = {"train": train_ds.materialize(), "val": val_ds.materialize()}
-    num_train = datasets["train"].count()
     pcfg = cfg.pretrain
+    num_train = datasets["train"].count()
     loop_config = {
         "run_cfg": cfg.model_dump(mode="json"),
         "seed": seed,
@@ -218,7 +209,7 @@ def pretrain(
         "num_train": num_train,
         "world_size": pcfg.num_workers,
         "cpus_per_worker": pcfg.cpus_per_worker,
-        "modality": spec.modality,
+        "modality": get_spec(cfg.data.dataset).modality,
         "flip": cfg.data.dataset in FLIP_OK,
         "shuffle_buffer": min(num_train, 10_000),
     }
@@ -232,7 +223,7 @@ def pretrain(
         ),
         run_config=ray.train.RunConfig(
             name="ray_train",
-            storage_path=str(out_dir),
+            storage_path=str(Path(out_dir).resolve()),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
         datasets=datasets,
@@ -244,13 +235,51 @@ def pretrain(
         raise RuntimeError(f"pretraining in {out_dir} produced no checkpoint")
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / "state.pt", weights_only=False)["model"]
-    history = result.metrics_dataframe.to_dict(orient="records") if result.metrics_dataframe is not None else []
+    return state, result, wall
+
+
+def pretrain(
+    cfg: RunConfig,
+    synthetic_dir: Path,
+    out_dir: Path,
+    *,
+    seed: int,
+    test: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Train on ``synthetic_dir`` with Ray Train; write ``out_dir/weights.safetensors`` and ``metrics.json``.
+
+    Reruns with the same ``out_dir`` resume from the latest epoch checkpoint; a finished run is returned from disk.
+    ``test`` (real test tensors) adds the synthetic-only centralized accuracy, the paper's "synthetic only" number.
+    """
+    from gptfl_ray.data.features import input_shape
+    from gptfl_ray.data.synthetic import read_manifest, synthetic_ray_dataset
+
+    out_dir = Path(out_dir).resolve()
+    done = out_dir / "metrics.json"
+    if done.is_file() and (out_dir / "weights.safetensors").is_file():
+        log.info("pretraining already finished in %s", out_dir)
+        return read_json(done)
+    manifest = read_manifest(synthetic_dir)
+    shape = input_shape(cfg.data.dataset, cfg.data.audio)
+    num_classes = len(manifest["label_names"])
+
+    ds = synthetic_ray_dataset(synthetic_dir, cfg.data).materialize()
+    datasets = {"train": ds}
+    if cfg.pretrain.val_fraction > 0:
+        train_ds, val_ds = ds.train_test_split(test_size=cfg.pretrain.val_fraction, shuffle=True, seed=seed)
+        datasets = {"train": train_ds.materialize(), "val": val_ds.materialize()}
+    state, result, wall = fit(cfg, datasets, num_classes, shape, out_dir, seed=seed)
+    num_train = datasets["train"].count()
+    history = (
+        result.metrics_dataframe.to_dict(orient="records") if result.metrics_dataframe is not None else []
+    )
     metrics: dict[str, Any] = {
         "epochs": cfg.pretrain.epochs,
         "num_train": num_train,
         "num_synthetic": manifest["num_rows"],
         "wall_time_s": wall,
         "final_val_accuracy": result.metrics.get("val_accuracy"),
+        "resumed_from_epoch": result.metrics.get("start_epoch"),
         "history": [{k: v for k, v in h.items() if not str(k).startswith("config")} for h in history],
         "key": pretrain_key(cfg, manifest.get("config_hash", ""), seed),
     }
@@ -263,8 +292,12 @@ def pretrain(
         metrics["real_test_per_class_accuracy"] = ev["per_class_accuracy"]
     save_weights(out_dir / "weights.safetensors", state, metadata={"model": cfg.model.name})
     atomic_write_json(done, metrics)
-    log.info("pretraining done in %.1fs: val acc %s, real test acc %s", wall,
-             metrics["final_val_accuracy"], metrics.get("real_test_accuracy"))
+    log.info(
+        "pretraining done in %.1fs: val acc %s, real test acc %s",
+        wall,
+        metrics["final_val_accuracy"],
+        metrics.get("real_test_accuracy"),
+    )
     return metrics
 
 
@@ -273,8 +306,10 @@ def load_pretrained(path: Path, model: nn.Module) -> nn.Module:
     state = load_weights(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the model (missing {list(missing)[:3]}, "
-                         f"unexpected {list(unexpected)[:3]})")
+        raise ValueError(
+            f"{path}: weights do not match the model (missing {list(missing)[:3]}, "
+            f"unexpected {list(unexpected)[:3]})"
+        )
     return model
 
 
@@ -308,8 +343,14 @@ def pretrain_command(args) -> int:
         if started:
             ray.shutdown()
     print(f"weights: {out / 'weights.safetensors'}")
-    print(f"synthetic val accuracy {metrics['final_val_accuracy']:.4f}"
-          + (f", real test accuracy {metrics['real_test_accuracy']:.4f}" if "real_test_accuracy" in metrics else ""))
+    print(
+        f"synthetic val accuracy {metrics['final_val_accuracy']:.4f}"
+        + (
+            f", real test accuracy {metrics['real_test_accuracy']:.4f}"
+            if "real_test_accuracy" in metrics
+            else ""
+        )
+    )
     return 0
 
 

@@ -49,22 +49,31 @@ def collect(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
             summaries.append(read_json(folder / "summary.json"))
             arm_curves.append(read_jsonl(folder / "metrics.jsonl"))
         curves[arm] = arm_curves
-        rows.append({
-            "arm": arm,
-            "final_accuracy": mean_std([s.get("final_accuracy") for s in summaries]),
-            "best_accuracy": mean_std([s.get("best_accuracy") for s in summaries]),
-            "rounds_to_target": [s.get("rounds_to_target") for s in summaries],
-            "mb_to_target": [s.get("mb_to_target") for s in summaries],
-            "total_mb": mean_std([s.get("total_mb") for s in summaries])[0],
-            "rounds": summaries[0].get("rounds") if summaries else None,
-            "strategy": summaries[0].get("strategy") if summaries else None,
-        })
+        rows.append(
+            {
+                "arm": arm,
+                "final_accuracy": mean_std([s.get("final_accuracy") for s in summaries]),
+                "best_accuracy": mean_std([s.get("best_accuracy") for s in summaries]),
+                "rounds_to_target": [s.get("rounds_to_target") for s in summaries],
+                "mb_to_target": [s.get("mb_to_target") for s in summaries],
+                "total_mb": mean_std([s.get("total_mb") for s in summaries])[0],
+                "rounds": summaries[0].get("rounds") if summaries else None,
+                "strategy": summaries[0].get("strategy") if summaries else None,
+            }
+        )
     syn = [v.get("real_test_accuracy") for v in results.get("synthetic_only", {}).values()]
     return {"rows": rows, "curves": curves, "synthetic_only": mean_std(syn)}
 
 
-def _plot(curves: dict[str, list[list[dict]]], x_key: str, y_key: str, xlabel: str, ylabel: str, path: Path,
-          synthetic_only: float | None = None) -> None:
+def _plot(
+    curves: dict[str, list[list[dict]]],
+    x_key: str,
+    y_key: str,
+    xlabel: str,
+    ylabel: str,
+    path: Path,
+    synthetic_only: float | None = None,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -73,8 +82,10 @@ def _plot(curves: dict[str, list[list[dict]]], x_key: str, y_key: str, xlabel: s
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for i, (arm, seeds) in enumerate(curves.items()):
         color = ARM_COLORS[i % len(ARM_COLORS)]
-        series = [[(r[x_key], r[y_key]) for r in recs if r.get(y_key) is not None and r.get(x_key) is not None]
-                  for recs in seeds]
+        series = [
+            [(r[x_key], r[y_key]) for r in recs if r.get(y_key) is not None and r.get(x_key) is not None]
+            for recs in seeds
+        ]
         series = [s for s in series if s]
         if not series:
             continue
@@ -119,10 +130,18 @@ def write_report(run_dir: Path, results: dict[str, Any]) -> Path:
     plots.mkdir(exist_ok=True)
     syn = data["synthetic_only"][0]
     _plot(data["curves"], "round", "accuracy", "round", "test accuracy", plots / "accuracy_vs_round.png", syn)
-    _plot(data["curves"], "cum_mb", "accuracy", "cumulative communication (MB)", "test accuracy",
-          plots / "accuracy_vs_mb.png", syn)
-    _plot(data["curves"], "round", "grad_diversity", "round", "gradient diversity",
-          plots / "grad_diversity.png")
+    _plot(
+        data["curves"],
+        "cum_mb",
+        "accuracy",
+        "cumulative communication (MB)",
+        "test accuracy",
+        plots / "accuracy_vs_mb.png",
+        syn,
+    )
+    _plot(
+        data["curves"], "round", "grad_diversity", "round", "gradient diversity", plots / "grad_diversity.png"
+    )
     target = results.get("target_accuracy")
     lines = [
         f"# GPT-FL run: {results.get('name', run_dir.name)}",
@@ -142,12 +161,21 @@ def write_report(run_dir: Path, results: dict[str, Any]) -> Path:
     ]
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines))
-    atomic_write_json(run_dir / "summary.json", {
-        "rows": [{**r, "final_accuracy_mean": r["final_accuracy"][0], "final_accuracy_std": r["final_accuracy"][1]}
-                 for r in data["rows"]],
-        "synthetic_only_mean": data["synthetic_only"][0],
-        "synthetic_only_std": data["synthetic_only"][1],
-    })
+    atomic_write_json(
+        run_dir / "summary.json",
+        {
+            "rows": [
+                {
+                    **r,
+                    "final_accuracy_mean": r["final_accuracy"][0],
+                    "final_accuracy_std": r["final_accuracy"][1],
+                }
+                for r in data["rows"]
+            ],
+            "synthetic_only_mean": data["synthetic_only"][0],
+            "synthetic_only_std": data["synthetic_only"][1],
+        },
+    )
     return path
 
 

@@ -128,8 +128,14 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     label_names = step_labels(cfg, run_dir)
     synthetic = step_generate(cfg, run_dir, label_names)
     test = real_test_tensors(cfg)
-    results: dict[str, Any] = {"name": cfg.name, "seeds": cfg.seeds, "arms": {}, "synthetic_only": {},
-                               "target_accuracy": cfg.fl.target_accuracy, "synthetic_dir": synthetic.name}
+    results: dict[str, Any] = {
+        "name": cfg.name,
+        "seeds": cfg.seeds,
+        "arms": {},
+        "synthetic_only": {},
+        "target_accuracy": cfg.fl.target_accuracy,
+        "synthetic_dir": synthetic.name,
+    }
     for seed in cfg.seeds:
         weights, pre = step_pretrain(cfg, run_dir, synthetic, seed, test)
         results["synthetic_only"][str(seed)] = {
@@ -142,8 +148,10 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             init = weights if from_pretrained else None
             out = fl_dir(run_dir, arm, arm_cfg, seed, weights.parent.name if init else "random")
             summary = step_federate(arm_cfg, out, seed, init, data)
-            results["arms"].setdefault(arm, {})[str(seed)] = {"dir": str(out.relative_to(run_dir)),
-                                                              "final_accuracy": summary.get("final_accuracy")}
+            results["arms"].setdefault(arm, {})[str(seed)] = {
+                "dir": str(out.relative_to(run_dir)),
+                "final_accuracy": summary.get("final_accuracy"),
+            }
     results["wall_time_s"] = time.perf_counter() - t0
     report = write_report(run_dir, results)
     return {"results": results, "report": report}

@@ -58,26 +58,58 @@ class SweepConfig(Section):
 
 # Tiny substitutes that make any sweep run in seconds on the offline datasets (`--smoke`).
 SMOKE_IMAGE = {
-    "data.dataset": "mnist", "data.test_split": "holdout", "data.num_test": 300, "data.num_train": 600,
-    "data.root": None, "generate.generator": "glyphs", "generate.model_id": None, "generate.options": {},
-    "model.name": "convnet", "model.width": 8, "partition.method": "dirichlet",
+    "data.dataset": "mnist",
+    "data.test_split": "holdout",
+    "data.num_test": 300,
+    "data.num_train": 600,
+    "data.root": None,
+    "generate.generator": "glyphs",
+    "generate.model_id": None,
+    "generate.options": {},
+    "model.name": "convnet",
+    "model.width": 8,
+    "partition.method": "dirichlet",
 }
 SMOKE_AUDIO = {
-    "data.dataset": "fsdd", "data.test_split": "official", "data.num_test": 200, "data.num_train": 600,
-    "data.root": None, "generate.generator": "espeak", "generate.model_id": None, "generate.options": {},
-    "model.name": "audio_cnn", "partition.method": "natural", "partition.sub_splits": 1,
+    "data.dataset": "fsdd",
+    "data.test_split": "official",
+    "data.num_test": 200,
+    "data.num_train": 600,
+    "data.root": None,
+    "generate.generator": "espeak",
+    "generate.model_id": None,
+    "generate.options": {},
+    "model.name": "audio_cnn",
+    "partition.method": "natural",
+    "partition.sub_splits": 1,
 }
 SMOKE_COMMON = {
-    "partition.num_clients": 6, "partition.min_size": 1, "prompts.num_per_class": 8, "prompts.scale": None,
-    "prompts.expander.backend": "templates", "generate.batch_size": 40, "generate.concurrency": 1,
-    "generate.num_gpus": 0, "generate.rows_per_shard": 80, "pretrain.epochs": 1, "pretrain.use_gpu": False,
-    "pretrain.num_workers": 1, "fl.rounds": 2, "fl.clients_per_round": 3, "fl.num_actors": 1,
-    "fl.actor_num_gpus": 0, "fl.isolated_clients": 2, "fl.checkpoint_every": 1, "seeds": [0],
+    "partition.num_clients": 6,
+    "partition.min_size": 1,
+    "prompts.num_per_class": 8,
+    "prompts.scale": None,
+    "prompts.expander.backend": "templates",
+    "generate.batch_size": 40,
+    "generate.concurrency": 1,
+    "generate.num_gpus": 0,
+    "generate.rows_per_shard": 80,
+    "pretrain.epochs": 1,
+    "pretrain.use_gpu": False,
+    "pretrain.num_workers": 1,
+    "fl.rounds": 2,
+    "fl.clients_per_round": 3,
+    "fl.num_actors": 1,
+    "fl.actor_num_gpus": 0,
+    "fl.isolated_clients": 2,
+    "fl.checkpoint_every": 1,
+    "seeds": [0],
 }
 
 
 # ------------------------------------------------------------------------------------------ loading
-def load_sweep(path: str | Path, overrides: list[str] | None = None, smoke: bool = False) -> tuple[SweepConfig, RunConfig]:
+def load_sweep(
+    path: str | Path, overrides: list[str] | None = None, smoke: bool = False
+) -> tuple[SweepConfig, RunConfig]:
     """Validate a sweep file and its base run config (with `set`, smoke substitutes and --set applied)."""
     path = Path(path)
     raw = read_yaml(path)
@@ -92,7 +124,9 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, smoke: bool
     if smoke:
         probe = validate_config(apply_overrides(base, [_kv(k, v) for k, v in dotted.items()]), str(base_path))
         modality = "image" if probe.data.dataset in IMAGE_DATASETS else "audio"
-        dotted.update({**(SMOKE_IMAGE if modality == "image" else SMOKE_AUDIO), **SMOKE_COMMON, **sweep.smoke})
+        dotted.update(
+            {**(SMOKE_IMAGE if modality == "image" else SMOKE_AUDIO), **SMOKE_COMMON, **sweep.smoke}
+        )
     raw_run = apply_overrides(base, [_kv(k, v) for k, v in dotted.items()] + list(overrides or []))
     run = validate_config(raw_run, f"{path} (base {sweep.base})")
     for key, values in sweep.grid.items():
@@ -199,7 +233,10 @@ def fl_trial(config: dict[str, Any]) -> None:
         summary = read_json(out / "summary.json")
     else:
         summary = run_federated(
-            cfg, seed=point["seed"], out_dir=out, init_weights=point.get("init_weights"),
+            cfg,
+            seed=point["seed"],
+            out_dir=out,
+            init_weights=point.get("init_weights"),
             resume=(out / "checkpoint").is_dir(),
             on_round=lambda m: tune.report(_scalar_metrics({k: v for k, v in m.items() if k != "sampled"})),
         )
@@ -210,12 +247,22 @@ def trial_resources(cfg: RunConfig):
     """The trial's placement group: an empty head bundle (the trainable waits) + one bundle per client actor."""
     from ray import tune
 
-    actor = {"CPU": cfg.fl.actor_num_cpus, **({"GPU": cfg.fl.actor_num_gpus} if cfg.fl.actor_num_gpus else {})}
+    actor = {
+        "CPU": cfg.fl.actor_num_cpus,
+        **({"GPU": cfg.fl.actor_num_gpus} if cfg.fl.actor_num_gpus else {}),
+    }
     return tune.PlacementGroupFactory([{}] + [dict(actor) for _ in range(cfg.fl.num_actors)], strategy="PACK")
 
 
 # ------------------------------------------------------------------------------------------ driver
-def sweep(sweep_cfg: SweepConfig, run: RunConfig, sweep_dir: Path, resume: bool = False) -> dict[str, Any]:
+def sweep(
+    sweep_cfg: SweepConfig,
+    run: RunConfig,
+    sweep_dir: Path,
+    resume: bool = False,
+    shared_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Build shared inputs (in ``shared_dir``, default ``<sweep_dir>/shared``), run the Tune grid, write the report."""
     from ray import tune
 
     from gptfl_ray.report import write_report
@@ -226,7 +273,7 @@ def sweep(sweep_cfg: SweepConfig, run: RunConfig, sweep_dir: Path, resume: bool 
     if sweep_cfg.kind == "synthetic_only":
         for p in points:
             p["init"] = "pretrained"
-    build_shared(points, sweep_dir / "shared")
+    build_shared(points, Path(shared_dir) if shared_dir else sweep_dir / "shared")
     for p in points:
         p["kind"] = sweep_cfg.kind
         key = config_hash(p["run"], p["init"], p.get("init_weights"), p["seed"], length=8)
@@ -242,23 +289,34 @@ def sweep(sweep_cfg: SweepConfig, run: RunConfig, sweep_dir: Path, resume: bool 
         tuner = tune.Tuner(
             trainable,
             param_space={"point": tune.grid_search(points)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=sweep_cfg.max_concurrent_trials,
-                                        trial_name_creator=lambda t: _slug(t.config["point"]["arm"])[:60],
-                                        trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
-            run_config=tune.RunConfig(name=sweep_cfg.name, storage_path=storage,
-                                      failure_config=tune.FailureConfig(max_failures=sweep_cfg.max_failures)),
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=sweep_cfg.max_concurrent_trials,
+                trial_name_creator=lambda t: _slug(t.config["point"]["arm"])[:60],
+                trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
+            ),
+            run_config=tune.RunConfig(
+                name=sweep_cfg.name,
+                storage_path=storage,
+                failure_config=tune.FailureConfig(max_failures=sweep_cfg.max_failures),
+            ),
         )
     grid = tuner.fit()
     errors = [str(r.error).splitlines()[0] for r in grid if r.error]
-    results: dict[str, Any] = {"name": sweep_cfg.name, "seeds": sorted({p["seed"] for p in points}), "arms": {},
-                               "synthetic_only": {}, "target_accuracy": run.fl.target_accuracy,
-                               "errors": errors}
+    results: dict[str, Any] = {
+        "name": sweep_cfg.name,
+        "seeds": sorted({p["seed"] for p in points}),
+        "arms": {},
+        "synthetic_only": {},
+        "target_accuracy": run.fl.target_accuracy,
+        "errors": errors,
+    }
     for p in points:
         if p.get("synthetic_only") is not None:
             results["synthetic_only"][str(p["seed"])] = {"real_test_accuracy": p["synthetic_only"]}
         if sweep_cfg.kind == "federated" and (Path(p["trial_dir"]) / "summary.json").is_file():
             results["arms"].setdefault(p["arm"], {})[str(p["seed"])] = {
-                "dir": str(Path(p["trial_dir"]).relative_to(sweep_dir))}
+                "dir": str(Path(p["trial_dir"]).relative_to(sweep_dir))
+            }
     report = write_report(sweep_dir, results)
     return {"results": results, "report": report, "errors": errors}
 

@@ -21,8 +21,10 @@ TEST_FOLD = 5
 def load_esc50(root: Path, audio: AudioConfig) -> Splits:
     meta = root / "meta" / "esc50.csv"
     if not meta.is_file():
-        raise DataNotFoundError(f"ESC-50 missing: put meta/esc50.csv and audio/*.wav under {root}/ "
-                                f"({get_spec('esc50').download_hint})")
+        raise DataNotFoundError(
+            f"ESC-50 missing: put meta/esc50.csv and audio/*.wav under {root}/ "
+            f"({get_spec('esc50').download_hint})"
+        )
     with open(meta, newline="") as f:
         rows = list(csv.DictReader(f))
     missing = [c for c in ("filename", "fold", "target", "category") if rows and c not in rows[0]]
@@ -30,9 +32,23 @@ def load_esc50(root: Path, audio: AudioConfig) -> Splits:
         raise ValueError(f"{meta}: expected columns filename, fold, target, category")
     names: dict[int, str] = {int(r["target"]): r["category"].replace("_", " ") for r in rows}
     label_names = [names[i] for i in sorted(names)]
-    x = np.stack([standardize_clip(*read_wav(root / "audio" / r["filename"]), audio.sample_rate,
-                                   audio.clip_seconds, audio.trim_silence) for r in rows])
-    full = ArrayDataset(x=x, y=np.array([int(r["target"]) for r in rows], dtype=np.int64),
-                        label_names=label_names, modality="audio", sample_rate=audio.sample_rate)
+    x = np.stack(
+        [
+            standardize_clip(
+                *read_wav(root / "audio" / r["filename"]),
+                audio.sample_rate,
+                audio.clip_seconds,
+                audio.trim_silence,
+            )
+            for r in rows
+        ]
+    )
+    full = ArrayDataset(
+        x=x,
+        y=np.array([int(r["target"]) for r in rows], dtype=np.int64),
+        label_names=label_names,
+        modality="audio",
+        sample_rate=audio.sample_rate,
+    )
     is_test = np.array([int(r["fold"]) == TEST_FOLD for r in rows])
     return Splits(train=full.subset(np.flatnonzero(~is_test)), test=full.subset(np.flatnonzero(is_test)))

@@ -1,0 +1,104 @@
+"""Pretraining throughput: Ray Train (TorchTrainer, 1 worker, Ray Data iter_torch_batches) vs a plain torch loop.
+
+Same data (N random 1×28×28 images, 10 classes), same model (ConvNet), batch size, optimizer, cosine schedule
+and augmentation; measured in the same run. Prints samples/s for each and the ratios:
+  steady  = training samples/s inside the epochs (what the training loop itself achieves)
+  e2e     = samples × epochs / wall time of the whole call, including Ray Train's worker start-up.
+Not a timed test: run it on an otherwise idle machine.
+
+    python bench/pretrain_throughput.py [--samples 8000] [--epochs 3] [--width 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from gptfl_ray.config import RunConfig
+from gptfl_ray.models import build_model
+from gptfl_ray.pretrain import Augment, fit
+from gptfl_ray.training import make_optimizer
+
+
+def plain_loop(cfg: RunConfig, x: torch.Tensor, y: torch.Tensor, threads: int) -> tuple[float, float]:
+    """(steady samples/s, wall seconds) of the same recipe without Ray."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    t_start = time.perf_counter()
+    model = build_model(cfg.model.name, 10, tuple(x.shape[1:]), width=cfg.model.width)
+    opt = make_optimizer(model.parameters(), cfg.pretrain.optimizer)
+    bs = cfg.pretrain.batch_size
+    steps = math.ceil(len(y) / bs)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.pretrain.epochs * steps)
+    augment = Augment("image", flip=False)
+    loss_fn = nn.CrossEntropyLoss()
+    train_time = 0.0
+    for _ in range(cfg.pretrain.epochs):
+        t0 = time.perf_counter()
+        perm = torch.randperm(len(y))
+        for i in range(0, len(y), bs):
+            idx = perm[i : i + bs]
+            xb, yb = augment(x[idx]), y[idx]
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(xb), yb).backward()
+            opt.step()
+            sched.step()
+        train_time += time.perf_counter() - t0
+    return len(y) * cfg.pretrain.epochs / train_time, time.perf_counter() - t_start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=8000)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=64)
+    args = ap.parse_args()
+
+    import ray
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.samples, 1, 28, 28)).astype(np.float32)
+    y = rng.integers(0, 10, args.samples).astype(np.int64)
+    base = {
+        "data": {"dataset": "mnist"},
+        "model": {"name": "convnet", "width": args.width},
+        "pretrain": {"epochs": args.epochs, "batch_size": args.batch_size, "val_fraction": 0.0},
+    }
+    print(f"workload: {args.samples} samples × {args.epochs} epochs, ConvNet width {args.width}, batch {args.batch_size}")
+    results = {}
+    for threads in (1, 2):
+        cfg = RunConfig.model_validate(base)
+        steady, wall = plain_loop(cfg, torch.from_numpy(x), torch.from_numpy(y), threads)
+        results[f"plain loop, {threads} thread(s)"] = (steady, args.samples * args.epochs / wall)
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        ds = ray.data.from_numpy(x).rename_columns({"data": "x"}).zip(ray.data.from_numpy(y).rename_columns({"data": "y"}))
+        ds = ds.materialize()
+        for cpus in (1, 2):
+            cfg = RunConfig.model_validate({**base, "pretrain": {**base["pretrain"], "cpus_per_worker": cpus}})
+            with tempfile.TemporaryDirectory() as d:
+                _, result, wall = fit(cfg, {"train": ds}, 10, (1, 28, 28), Path(d), seed=0)
+            hist = result.metrics_dataframe
+            steady = float(hist["train_samples"].sum() / hist["train_time_s"].sum())
+            results[f"Ray Train, 1 worker × {cpus} CPU"] = (steady, args.samples * args.epochs / wall)
+    finally:
+        ray.shutdown()
+
+    best_plain = max(v for k, v in results.items() if k.startswith("plain"))
+    print(f"{'path':36s} {'steady samples/s':>17s} {'e2e samples/s':>14s} {'steady ratio':>13s} {'e2e ratio':>10s}")
+    for name, (steady, e2e) in results.items():
+        print(f"{name:36s} {steady:17.1f} {e2e:14.1f} {steady / best_plain[0]:13.2f} {e2e / best_plain[1]:10.2f}")
+    print("ratios are against the best plain loop (steady and e2e separately); target steady ratio >= 0.85")
+
+
+if __name__ == "__main__":
+    main()
