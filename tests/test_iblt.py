@@ -60,7 +60,9 @@ def test_overfull_table_raises_with_how_much_is_left():
     t = IBLT(capacity=16, seed=1)
     # every client is within capacity, but the union (160 labels) is 10x what the table can peel
     tables = [t.encode([f"c{c}-label{i}" for i in range(16)]) for c in range(10)]
-    with pytest.raises(IBLTDecodeError, match=r"cells could not be peeled .*raise labels.iblt_capacity") as err:
+    with pytest.raises(
+        IBLTDecodeError, match=r"cells could not be peeled .*raise labels.iblt_capacity"
+    ) as err:
         t.decode(t.add(*tables))
     msg = str(err.value)
     left = int(msg.split("failed: ")[1].split(" of ")[0])
