@@ -10,11 +10,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -38,7 +39,7 @@ class AudioConfig(Section):
 
 
 class DataConfig(Section):
-    dataset: Literal["mnist", "fsdd", "speech_commands", "cifar10", "cifar100", "flowers102"] = "mnist"
+    dataset: Literal["mnist", "fsdd", "speech_commands", "esc50", "cifar10", "cifar100", "flowers102"] = "mnist"
     root: Path | None = None  # dataset root; default: <data dir>/<dataset>
     # Held-out test set. "official" uses the dataset's own split; "holdout" carves num_test samples
     # out of the available pool (MNIST here ships only its 10k test set).
@@ -70,46 +71,114 @@ class LabelsConfig(Section):
     names: list[str] | None = None
     # Label name -> text used in prompts, e.g. {"7": "seven"}.
     text: dict[str, str] = Field(default_factory=dict)
-    iblt_capacity: int = Field(64, gt=0)
-    iblt_repetitions: int = Field(3, ge=2)
-    secagg_threshold: float = Field(0.6, gt=0, le=1)  # fraction of clients needed to unmask
+    # collect: the IBLT holds up to iblt_capacity distinct label names of <= iblt_max_label_bytes UTF-8 bytes,
+    # each hashed into iblt_repetitions cells (table size: gptfl_ray/labels/iblt.py:table_cells).
+    iblt_capacity: int = Field(256, gt=0)
+    iblt_repetitions: int = Field(4, ge=2, le=7)
+    iblt_max_label_bytes: int = Field(64, gt=0, lt=65536)
+    # Fraction of clients (rounded up) that must survive every SecAgg stage; fewer aborts without a result.
+    secagg_threshold: float = Field(0.6, gt=0, le=1)
+    secagg_timeout_s: float | None = Field(None, gt=0)  # per-stage deadline; hosts that miss it drop out
+
+
+DEFAULT_EXPANSION_INSTRUCTION = (
+    'Rewrite the prompt "{prompt}" as one short, vivid, concrete sentence for a generative model. '
+    'Keep the words "{label}". Reply with the sentence only.'
+)
 
 
 class ExpanderConfig(Section):
+    """LLM prompt expansion (step 1b): each template prompt -> one richer sentence, validated, else fallback.
+
+    Backends: ``templates`` (offline default, identity), ``transformers`` (text-generation in a Ray Data actor
+    pool), ``vllm`` (ray.data.llm, GPU actors, own runtime_env), ``openai`` (any OpenAI-compatible endpoint).
+    """
+
     backend: Literal["templates", "transformers", "vllm", "openai"] = "templates"
-    model: str | None = None  # hub id or local path (transformers/vllm); model name (openai)
-    base_url: str | None = None  # openai-compatible endpoint
-    api_key_env: str = "OPENAI_API_KEY"
+    model: str | None = None  # hub id or local path (transformers/vllm); model name sent to the endpoint (openai)
+    base_url: str | None = None  # openai: endpoint root incl. /v1, e.g. http://127.0.0.1:8000/v1
+    api_key_env: str = "OPENAI_API_KEY"  # openai: env var holding the key (unset = no Authorization header)
+    # What the LLM is asked; placeholders {prompt} (the template prompt) and {label} (the label text).
+    instruction: str = DEFAULT_EXPANSION_INSTRUCTION
+    system_prompt: str | None = None  # chat models only
+    chat: bool | None = None  # wrap in the chat template; None = when the tokenizer has one (vllm: True)
     max_new_tokens: int = Field(40, gt=0)
-    temperature: float = Field(0.8, ge=0)
-    timeout_s: float = Field(30.0, gt=0)
-    retries: int = Field(2, ge=0)
-    max_concurrency: int = Field(4, gt=0)
-    batch_size: int = Field(8, gt=0)
+    temperature: float = Field(0.8, ge=0)  # 0 = greedy (batched); > 0 = sampling seeded by the row's seed
+    top_p: float = Field(0.95, gt=0, le=1)
+    timeout_s: float = Field(30.0, gt=0)  # openai: per request
+    retries: int = Field(2, ge=0)  # openai: extra attempts after a timeout / 408 / 429 / 5xx / malformed reply
+    retry_backoff_s: float = Field(0.5, ge=0)  # openai: wait before retry k is retry_backoff_s * 2**k
+    max_concurrency: int = Field(4, gt=0)  # openai: requests in flight per actor (total: × concurrency)
+    batch_size: int = Field(8, gt=0)  # rows per actor call
     concurrency: int = Field(1, gt=0)  # actors in the expansion pool
-    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(1.0, gt=0)  # per actor (transformers sets its torch threads from this)
+    num_gpus: float = Field(0.0, ge=0)  # per actor (transformers/vllm)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # transformers; auto = cuda when the actor has a GPU
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # transformers
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # vllm: vLLM engine args (max_model_len, ...)
+    accelerator_type: str | None = None  # vllm: e.g. "H100"
+    # Validation: an expansion must name the label text or a synonym (keyed by label name), have
+    # min_chars..max_chars characters and differ from earlier expansions of its class; else -> template.
     min_chars: int = Field(3, ge=0)
     max_chars: int = Field(300, gt=0)
     synonyms: dict[str, list[str]] = Field(default_factory=dict)
     runtime_env: dict[str, Any] | None = None  # vLLM stage: its own env (pip / container image)
 
+    @model_validator(mode="after")
+    def _check_bounds(self) -> ExpanderConfig:
+        if self.max_chars < self.min_chars:
+            raise ValueError("max_chars must be >= min_chars")
+        return self
+
+    @field_validator("instruction")
+    @classmethod
+    def _check_instruction(cls, value: str) -> str:
+        from gptfl_ray.prompts.placeholders import check_placeholders
+
+        check_placeholders([value], allowed={"prompt", "label"})
+        return value
+
 
 class PromptsConfig(Section):
-    templates: list[str] | None = None  # default chosen by modality
-    domain: str | None = None  # fills "{domain}" in templates
+    """Prompt table (step 1b): label names -> prompts with per-sample seed and guidance scale."""
+
+    # Default chosen by modality (see gptfl_ray.prompts.templates.DEFAULT_TEMPLATES); placeholders
+    # {label} (required) and {domain}. Sample i of a class uses template i % len(templates).
+    templates: list[str] | None = Field(None, min_length=1)
+    # Fills {domain}; a list is cycled over samples (the official multi-domain prompts: photo, drawing, ...).
+    domain: str | list[str] | None = None
     num_per_class: int | None = Field(None, gt=0)
     scale: float | None = Field(None, gt=0)  # × the real dataset's per-class size (ignored if num_per_class)
+    # Unconditional guidance scale, drawn per sample in [guidance_min, guidance_max].
     guidance_min: float = Field(1.0, ge=0)
     guidance_max: float = Field(5.0, ge=0)
-    guidance_integer: bool = True  # official code draws integers 1..5
-    seed: int = 0
+    guidance_integer: bool = True  # official code draws integers 1..5 (np.random.randint(1, 6))
+    seed: int = Field(0, ge=0)
     expander: ExpanderConfig = ExpanderConfig()
 
     @model_validator(mode="after")
     def _check_range(self) -> PromptsConfig:
         if self.guidance_max < self.guidance_min:
             raise ValueError("guidance_max must be >= guidance_min")
+        if self.guidance_integer and math.floor(self.guidance_max) < math.ceil(self.guidance_min):
+            raise ValueError("guidance_integer: no integer between guidance_min and guidance_max")
         return self
+
+    @field_validator("templates")
+    @classmethod
+    def _check_templates(cls, value: list[str] | None) -> list[str] | None:
+        from gptfl_ray.prompts.placeholders import check_placeholders
+
+        if value is not None:
+            check_placeholders(value, allowed={"label", "domain"}, required="label")
+        return value
+
+    @field_validator("domain")
+    @classmethod
+    def _check_domain(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and not value:
+            raise ValueError("empty list (use null for no domain)")
+        return value
 
 
 # ------------------------------------------------------------------------------------------ generate
@@ -148,7 +217,11 @@ class PretrainConfig(Section):
 
 
 class StrategyConfig(Section):
-    """Strategy by name + its own parameters (validated by the strategy class)."""
+    """Strategy by name + its own parameters, validated by the strategy class (gptfl_ray/fl/strategies.py).
+
+    fedavg/fedprox/scaffold/fedavgm/fedadam/fedyogi/fedadagrad, e.g. ``{name: fedprox, mu: 0.01}``; an
+    unknown or invalid parameter is an error naming ``fl.strategy.<param>``.
+    """
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
     name: str = "fedavg"
@@ -173,12 +246,16 @@ class FLConfig(Section):
     actor_num_cpus: float = Field(1.0, gt=0)
     actor_num_gpus: float = Field(0.0, ge=0)
     min_clients_fraction: float = Field(0.5, gt=0, le=1)  # of the round's sampled clients
-    max_update_norm: float | None = Field(None, gt=0)
+    # A client whose actor dies mid-round is re-dispatched this many times (0 = aggregate the survivors).
+    client_retries: int = Field(1, ge=0)
+    max_actor_replacements: int = Field(8, ge=0)  # dead actors replaced per run before the run fails
+    max_update_norm: float | None = Field(None, gt=0)  # L2 bound; larger updates are rejected
     secure_aggregation: bool = False
     target_accuracy: float | None = Field(None, gt=0, le=1)
     # "federated": FL rounds; "isolated": the paper's client-isolated fine-tuning control.
     mode: Literal["federated", "isolated"] = "federated"
     isolated_clients: int = Field(10, gt=0)
+    isolated_epochs: int | None = Field(None, gt=0)  # local epochs of the isolated control (None: local.epochs)
 
 
 class BaselineConfig(Section):
