@@ -96,7 +96,9 @@ class IBLT:
         table = cls(**p)
         for key, value in derived.items():
             if getattr(table, key) != value:
-                raise ValueError(f"iblt: {key}={value} does not match {getattr(table, key)} for {table.params}")
+                raise ValueError(
+                    f"iblt: {key}={value} does not match {getattr(table, key)} for {table.params}"
+                )
         return table
 
     @property

@@ -161,9 +161,21 @@ class KeyStream:
         self._enc = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
 
     def words(self, n: int) -> np.ndarray:
-        out = bytearray(8 * n + 15)  # update_into needs block_size - 1 spare bytes
-        self._enc.update_into(bytes(8 * n), out)
-        return np.frombuffer(out, dtype=_U64, count=n).copy()
+        out = np.empty(n + 2, dtype=_U64)  # update_into wants block_size - 1 spare bytes
+        self._enc.update_into(_zeros(8 * n), memoryview(out).cast("B"))
+        return out[:n]
+
+
+_ZEROS = np.zeros(0, dtype=np.uint8)
+
+
+def _zeros(nbytes: int) -> memoryview:
+    """A read-only view of ``nbytes`` zero bytes (the plaintext whose encryption is the keystream), cached."""
+    global _ZEROS
+    if len(_ZEROS) < nbytes:
+        _ZEROS = np.zeros(max(nbytes, 2 * len(_ZEROS)), dtype=np.uint8)
+        _ZEROS.flags.writeable = False
+    return memoryview(_ZEROS)[:nbytes]
 
 
 # ---------------------------------------------------------------------------------- quantisation

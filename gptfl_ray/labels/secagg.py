@@ -162,6 +162,7 @@ class SecAggClient:
         self._u2: set[int] = set()
         self._held_mask: dict[int, int] = {}  # owner -> share of owner's mask key
         self._held_seed: dict[int, int] = {}  # owner -> share of owner's self-mask seed
+        self._share_keys: dict[int, bytes] = {}  # peer -> AES-GCM key (one X25519 agreement per peer)
 
     def _advance(self, stage: int) -> None:
         if self._stage != stage:
@@ -199,7 +200,7 @@ class SecAggClient:
         for v, pk in roster.items():
             if v == self.cid:
                 continue
-            key = _hkdf(
+            key = self._share_keys[v] = _hkdf(
                 self._enc_sk.exchange(X25519PublicKey.from_public_bytes(pk.enc_key)), b"share", p.context
             )
             ids = _ID.pack(self.cid, v)
@@ -236,8 +237,7 @@ class SecAggClient:
 
     def _receive_share(self, sender: int, blob: bytes) -> None:
         p = self.params
-        peer = X25519PublicKey.from_public_bytes(self._roster[sender].enc_key)
-        key = _hkdf(self._enc_sk.exchange(peer), b"share", p.context)
+        key = self._share_keys[sender]  # the same agreement X25519(c_u, C_v) as when we sent ours
         ids = _ID.pack(sender, self.cid)
         try:
             plain = AESGCM(key).decrypt(blob[:_NONCE], blob[_NONCE:], p.context + ids)

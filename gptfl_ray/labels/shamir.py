@@ -55,14 +55,28 @@ def split(secret: bytes, xs: Sequence[int], threshold: int) -> dict[int, int]:
 
 def lagrange_coefficients(xs: Sequence[int], at: int = 0) -> list[int]:
     """Weights ``w_i`` with ``f(at) = sum_i w_i f(xs[i])`` for any polynomial of degree ``< len(xs)``."""
-    out = []
+    nums, dens = [], []
     for i, xi in enumerate(xs):
         num, den = 1, 1
         for j, xj in enumerate(xs):
             if i != j:
                 num = num * (at - xj) % PRIME
                 den = den * (xi - xj) % PRIME
-        out.append(num * pow(den, PRIME - 2, PRIME) % PRIME)
+        nums.append(num)
+        dens.append(den)
+    return [n * inv % PRIME for n, inv in zip(nums, _batch_inverse(dens), strict=True)]
+
+
+def _batch_inverse(values: list[int]) -> list[int]:
+    """Modular inverses of all ``values`` with one exponentiation (Montgomery's trick)."""
+    prefix = [1]
+    for v in values:
+        prefix.append(prefix[-1] * v % PRIME)
+    inv = pow(prefix[-1], PRIME - 2, PRIME)
+    out = [0] * len(values)
+    for i in range(len(values) - 1, -1, -1):
+        out[i] = inv * prefix[i] % PRIME
+        inv = inv * values[i] % PRIME
     return out
 
 
