@@ -72,7 +72,9 @@ def main() -> None:
         "model": {"name": "convnet", "width": args.width},
         "pretrain": {"epochs": args.epochs, "batch_size": args.batch_size, "val_fraction": 0.0},
     }
-    print(f"workload: {args.samples} samples × {args.epochs} epochs, ConvNet width {args.width}, batch {args.batch_size}")
+    print(
+        f"workload: {args.samples} samples × {args.epochs} epochs, ConvNet width {args.width}, batch {args.batch_size}"
+    )
     results = {}
     for threads in (1, 2):
         cfg = RunConfig.model_validate(base)
@@ -81,10 +83,16 @@ def main() -> None:
 
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
-        ds = ray.data.from_numpy(x).rename_columns({"data": "x"}).zip(ray.data.from_numpy(y).rename_columns({"data": "y"}))
+        ds = (
+            ray.data.from_numpy(x)
+            .rename_columns({"data": "x"})
+            .zip(ray.data.from_numpy(y).rename_columns({"data": "y"}))
+        )
         ds = ds.materialize()
         for cpus in (1, 2):
-            cfg = RunConfig.model_validate({**base, "pretrain": {**base["pretrain"], "cpus_per_worker": cpus}})
+            cfg = RunConfig.model_validate(
+                {**base, "pretrain": {**base["pretrain"], "cpus_per_worker": cpus}}
+            )
             with tempfile.TemporaryDirectory() as d:
                 _, result, wall = fit(cfg, {"train": ds}, 10, (1, 28, 28), Path(d), seed=0)
             hist = result.metrics_dataframe
@@ -95,7 +103,9 @@ def main() -> None:
 
     plain = [v for k, v in results.items() if k.startswith("plain")]
     best_steady, best_e2e = max(v[0] for v in plain), max(v[1] for v in plain)
-    print(f"{'path':36s} {'steady samples/s':>17s} {'e2e samples/s':>14s} {'steady ratio':>13s} {'e2e ratio':>10s}")
+    print(
+        f"{'path':36s} {'steady samples/s':>17s} {'e2e samples/s':>14s} {'steady ratio':>13s} {'e2e ratio':>10s}"
+    )
     for name, (steady, e2e) in results.items():
         print(f"{name:36s} {steady:17.1f} {e2e:14.1f} {steady / best_steady:13.2f} {e2e / best_e2e:10.2f}")
     print("ratios are against the best plain loop (steady and e2e separately); target steady ratio >= 0.85")
