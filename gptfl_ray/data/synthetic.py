@@ -1,0 +1,146 @@
+"""Read the synthetic Parquet shards written by ``gptfl generate``.
+
+``load_synthetic`` returns exactly what a real dataset looks like before ``features.to_tensors`` (uint8
+images at the task size, float32 waveforms standardised like real clips); ``synthetic_ray_dataset`` streams
+model inputs (``x``) and labels (``y``) through the same feature functions, for Ray Train.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gptfl_ray.config import DataConfig
+from gptfl_ray.data.audio import standardize_clip
+from gptfl_ray.data.base import ArrayDataset, get_spec
+from gptfl_ray.io import read_json
+
+MANIFEST = "manifest.json"
+
+
+def read_manifest(dir: str | Path) -> dict[str, Any]:
+    """The folder's manifest; a clear error if the folder is not a finished generation."""
+    path = Path(dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{dir}: no {MANIFEST}: not a finished synthetic data folder (run or resume `gptfl generate`)"
+        )
+    manifest = read_json(path)
+    if not manifest.get("complete"):
+        raise ValueError(f"{dir}: {MANIFEST} marks the generation incomplete (resume `gptfl generate`)")
+    return manifest
+
+
+def shard_files(dir: str | Path, manifest: dict[str, Any] | None = None) -> list[Path]:
+    manifest = manifest or read_manifest(dir)
+    files = [Path(dir) / s for s in manifest["shards"]]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{dir}: shard files missing: {', '.join(missing[:3])}")
+    return files
+
+
+def _check_task(dir: str | Path, manifest: dict[str, Any], data_cfg: DataConfig) -> str:
+    """The sample column to read; errors if the data does not fit the task."""
+    spec = get_spec(data_cfg.dataset)
+    kind = "image" if spec.modality == "image" else "audio"
+    if manifest.get("kind", "image" if "image_size" in manifest else "audio") != kind:
+        raise ValueError(
+            f"{dir}: holds {manifest.get('kind')} data but data.dataset {data_cfg.dataset!r} is {kind}"
+        )
+    return kind
+
+
+def decode_images(pngs: list[bytes], size: int, channels: int) -> np.ndarray:
+    """PNG bytes -> uint8 (N, size, size) or (N, size, size, 3); resized (Lanczos) if stored at another size."""
+    from PIL import Image
+
+    out = np.empty((len(pngs), size, size) if channels == 1 else (len(pngs), size, size, 3), dtype=np.uint8)
+    for i, data in enumerate(pngs):
+        img = Image.open(io.BytesIO(data)).convert("L" if channels == 1 else "RGB")
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.Resampling.LANCZOS)
+        out[i] = np.asarray(img, dtype=np.uint8)
+    return out
+
+
+def standardize_waves(waves: list[Any], source_rate: int, data_cfg: DataConfig) -> np.ndarray:
+    """Raw synthetic waveforms -> float32 (N, T) exactly as real clips are prepared (gptfl_ray.data.audio)."""
+    a = data_cfg.audio
+    length = round(a.sample_rate * a.clip_seconds)
+    out = np.empty((len(waves), length), dtype=np.float32)
+    for i, w in enumerate(waves):
+        out[i] = standardize_clip(
+            np.asarray(w, dtype=np.float32), source_rate, a.sample_rate, a.clip_seconds, a.trim_silence
+        )
+    return out
+
+
+def load_synthetic(dir: str | Path, data_cfg: DataConfig) -> ArrayDataset:
+    """All synthetic samples in memory, decoded to the task's raw format (labels follow the manifest)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    manifest = read_manifest(dir)
+    kind = _check_task(dir, manifest, data_cfg)
+    files = shard_files(dir, manifest)
+    table = pa.concat_tables([pq.read_table(f, columns=[kind, "label"]) for f in files])
+    y = table["label"].to_numpy().astype(np.int64)
+    if kind == "image":
+        spec = get_spec(data_cfg.dataset)
+        x = decode_images(table["image"].to_pylist(), spec.image_size, spec.channels)
+        return ArrayDataset(x=x, y=y, label_names=list(manifest["label_names"]), modality="image")
+    x = standardize_waves(_audio_lists(table["audio"]), int(manifest["sample_rate"]), data_cfg)
+    return ArrayDataset(
+        x=x,
+        y=y,
+        label_names=list(manifest["label_names"]),
+        modality="audio",
+        sample_rate=data_cfg.audio.sample_rate,
+    )
+
+
+def _audio_lists(column: Any) -> list[np.ndarray]:
+    """A list<float32> Arrow column -> one numpy array per row (zero-copy slices of the values buffer)."""
+    out = []
+    for chunk in column.chunks:
+        values = chunk.values.to_numpy(zero_copy_only=False)
+        offsets = chunk.offsets.to_numpy()
+        out += [values[offsets[i] : offsets[i + 1]] for i in range(len(chunk))]
+    return out
+
+
+def _featurize(batch: Any, data_cfg: DataConfig, kind: str, source_rate: int | None) -> dict[str, np.ndarray]:
+    """Ray Data batch function: stored samples -> ``x`` model inputs (same feature code as real data), ``y``."""
+    from gptfl_ray.data.features import audio_tensor, image_tensor
+
+    y = batch["label"].to_numpy().astype(np.int64)
+    if kind == "image":
+        spec = get_spec(data_cfg.dataset)
+        raw = decode_images(batch["image"].to_pylist(), spec.image_size, spec.channels)
+        x = image_tensor(raw, data_cfg.dataset)
+    else:
+        assert source_rate is not None
+        x = audio_tensor(
+            standardize_waves(_audio_lists(batch["audio"]), source_rate, data_cfg), data_cfg.audio
+        )
+    return {"x": x.numpy().astype(np.float32, copy=False), "y": y}
+
+
+def synthetic_ray_dataset(dir: str | Path, data_cfg: DataConfig) -> Any:
+    """A lazy Ray Dataset with ``x`` (float32 model inputs) and ``y`` (int64), for ``iter_torch_batches``."""
+    import ray.data
+
+    manifest = read_manifest(dir)
+    kind = _check_task(dir, manifest, data_cfg)
+    files = [str(f) for f in shard_files(dir, manifest)]
+    rate = int(manifest["sample_rate"]) if kind == "audio" else None
+    return ray.data.read_parquet(files, columns=[kind, "label"]).map_batches(
+        _featurize,
+        fn_kwargs={"data_cfg": data_cfg, "kind": kind, "source_rate": rate},
+        batch_format="pyarrow",
+        batch_size=256,
+    )
