@@ -9,7 +9,7 @@ from gptfl_ray.cli import main as cli_main
 from gptfl_ray.config import validate_config
 from gptfl_ray.data import load_dataset
 from gptfl_ray.data.partition import partition
-from gptfl_ray.labels.collect import collect_labels, secagg_threshold
+from gptfl_ray.labels.collect import _ordered, collect_labels, secagg_threshold
 
 
 def make_cfg(tmp_path, **overrides):
@@ -98,3 +98,10 @@ def test_bad_partition_surfaces_the_original_error(ray_session, data_dir, tmp_pa
     cfg = make_cfg(tmp_path, partition={"method": "natural"})  # MNIST has no natural client ids
     with pytest.raises(ValueError, match="partition.method: 'natural' needs a dataset with natural ids"):
         collect_labels(cfg, seed=0)
+
+
+def test_label_order_and_threshold_rules():
+    digits = [str(i) for i in range(10)]
+    assert _ordered(["10", "2", "7"], [*digits, "10"]) == ["2", "7", "10"]  # class-index order
+    assert _ordered(["zebra", "2", "apple"], digits) == ["2", "apple", "zebra"]  # not all dataset labels
+    assert [secagg_threshold(0.6, n) for n in (1, 2, 10, 11)] == [1, 2, 6, 7]

@@ -1,5 +1,6 @@
 import contextlib
 import os
+import time
 
 import numpy as np
 import pytest
@@ -297,6 +298,8 @@ class VectorHost(SecAggHost):
     def secagg_masked_input(self, params, inboxes):
         if self.die_in == "masked_input":
             os._exit(1)  # the host process dies after key sharing
+        if self.die_in == "stall":
+            time.sleep(120)  # hangs past the driver's deadline
         return super().secagg_masked_input(params, inboxes)
 
     def secagg_unmask(self, params, survivors, cids):
@@ -312,20 +315,20 @@ def start_hosts(ray, vectors, layout, **kwargs_by_host):
         h = actor.remote({c: vectors[c] for c in cids}, **kwargs_by_host.get(str(i), {}))
         hosts.append(h)
         owner.update(dict.fromkeys(cids, h))
+    ray.get([h.secagg_forget.remote("warm-up", 0) for h in hosts])  # started before any deadline runs
     return hosts, owner
 
 
-def test_ray_secure_sum_with_a_host_dying_after_key_sharing(ray_session):
+def test_ray_secure_sum_with_hosts_dying_or_stalling_after_key_sharing(ray_session):
     ray = ray_session
     ring = Ring.bits(64)
-    vectors = random_vectors(ring, 12, 5000)
-    layout = [range(0, 5), range(5, 9), range(9, 12)]
-    hosts, owner = start_hosts(
-        ray, vectors, layout, **{"1": {"die_in": "masked_input"}, "2": {"refuse": [10]}}
-    )
-    result = secure_sum(owner, round_id=3, vector_len=5000, threshold=7, ring=ring, session="t", timeout_s=60)
+    vectors = random_vectors(ring, 14, 5000)
+    layout = [range(0, 5), range(5, 9), range(9, 12), range(12, 14)]
+    behaviour = {"1": {"die_in": "masked_input"}, "2": {"refuse": [10]}, "3": {"die_in": "stall"}}
+    hosts, owner = start_hosts(ray, vectors, layout, **behaviour)
+    result = secure_sum(owner, round_id=3, vector_len=5000, threshold=7, ring=ring, session="t", timeout_s=15)
     assert result.included == [0, 1, 2, 3, 4, 9, 11]
-    assert result.dropped == [5, 6, 7, 8, 10]
+    assert result.dropped == [5, 6, 7, 8, 10, 12, 13]
     assert np.array_equal(result.total, plain_sum(ring, vectors, result.included))
     assert result.stats.bytes_in["masked_input"] == 7 * 5000 * 8
     for h in hosts:
