@@ -111,7 +111,7 @@ def collect_labels(
     from gptfl_ray.data.registry import label_names
 
     lc = cfg.labels
-    data_dir = data_dir or cfg.data_dir or os.environ.get(ENV_VAR)
+    data_dir = cfg.data_dir or data_dir or os.environ.get(ENV_VAR)  # the project-wide precedence
     if cfg.data.root is None:
         data_dir = str(resolve_data_dir(data_dir))  # fail here, in one line, when no data dir is known
     iblt = IBLT(lc.iblt_capacity, lc.iblt_repetitions, seed=seed, max_label_bytes=lc.iblt_max_label_bytes)
