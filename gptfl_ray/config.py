@@ -95,7 +95,7 @@ class ExpanderConfig(Section):
     """
 
     backend: Literal["templates", "transformers", "vllm", "openai"] = "templates"
-    model: str | None = None  # hub id or local path (transformers/vllm); model name sent to the endpoint (openai)
+    model: str | None = None  # hub id or local path (transformers/vllm); model name at the endpoint (openai)
     base_url: str | None = None  # openai: endpoint root incl. /v1, e.g. http://127.0.0.1:8000/v1
     api_key_env: str = "OPENAI_API_KEY"  # openai: env var holding the key (unset = no Authorization header)
     # What the LLM is asked; placeholders {prompt} (the template prompt) and {label} (the label text).
@@ -106,7 +106,7 @@ class ExpanderConfig(Section):
     temperature: float = Field(0.8, ge=0)  # 0 = greedy (batched); > 0 = sampling seeded by the row's seed
     top_p: float = Field(0.95, gt=0, le=1)
     timeout_s: float = Field(30.0, gt=0)  # openai: per request
-    retries: int = Field(2, ge=0)  # openai: extra attempts after a timeout / 408 / 429 / 5xx / malformed reply
+    retries: int = Field(2, ge=0)  # openai: extra attempts after timeout / 408 / 429 / 5xx / malformed reply
     retry_backoff_s: float = Field(0.5, ge=0)  # openai: wait before retry k is retry_backoff_s * 2**k
     max_concurrency: int = Field(4, gt=0)  # openai: requests in flight per actor (total: × concurrency)
     batch_size: int = Field(8, gt=0)  # rows per actor call

@@ -1,0 +1,178 @@
+"""LLM prompt expansion: one interface over the backends, one shared validation + fallback stage.
+
+``expand_prompts(ds, cfg)`` = backend (adds ``raw_expansion``) -> per-class validation (label or synonym
+present, length bounds, no repeat within the class) -> ``prompt`` = expansion, or the row's template prompt
+with ``expansion_fallback`` True. Validation runs per class in (class, index) order, so which duplicate is
+kept does not depend on how Ray split the data. Backends:
+
+- ``templates``: identity (offline default), ``expansion_fallback`` False everywhere.
+- ``transformers``: text-generation pipeline in a Ray Data actor pool (``TransformersPromptExpander``).
+- ``vllm``: ray.data.llm processor with vLLM engine actors (``backend_vllm``).
+- ``openai``: OpenAI-compatible chat completions over HTTP (``OpenAIPromptExpander``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from gptfl_ray.prompts.instruction import check_columns
+from gptfl_ray.prompts.validation import validate_expansion
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from gptfl_ray.config import ExpanderConfig
+
+logger = logging.getLogger(__name__)
+
+FALLBACK_COLUMN = "expansion_fallback"
+RAW_COLUMN = "raw_expansion"
+
+
+def check_backend_config(cfg: ExpanderConfig) -> None:
+    """Fail fast, naming the field, before any actor starts."""
+    if cfg.backend in ("transformers", "vllm", "openai") and not cfg.model:
+        raise ValueError(
+            f"prompts.expander.model: required for backend {cfg.backend!r} (hub id or local path)"
+        )
+    if cfg.backend == "openai":
+        if not cfg.base_url:
+            raise ValueError(
+                "prompts.expander.base_url: required for backend 'openai' (e.g. http://host:8000/v1)"
+            )
+        if not cfg.base_url.startswith(("http://", "https://")):
+            raise ValueError(
+                f"prompts.expander.base_url: must start with http:// or https:// (got {cfg.base_url!r})"
+            )
+
+
+def _expander_class(cfg: ExpanderConfig) -> type:
+    if cfg.backend == "transformers":
+        from gptfl_ray.prompts.backend_transformers import TransformersPromptExpander
+
+        return TransformersPromptExpander
+    if cfg.backend == "openai":
+        from gptfl_ray.prompts.backend_openai import OpenAIPromptExpander
+
+        return OpenAIPromptExpander
+    raise ValueError(f"prompts.expander.backend: no in-process expander for {cfg.backend!r}")
+
+
+# ------------------------------------------------------------------------------------------ validation
+def _synonyms_for(row: dict[str, Any], synonyms: dict[str, list[str]]) -> list[str]:
+    """Synonyms are keyed by label name; a key equal to the label text also works."""
+    terms = list(synonyms.get(row["label_name"], []))
+    if row["label_text"] != row["label_name"]:
+        terms += synonyms.get(row["label_text"], [])
+    return terms
+
+
+def validate_class(table: pa.Table, cfg: ExpanderConfig) -> pa.Table:
+    """Validate ``raw_expansion`` per class in index order; fill ``prompt`` and the fallback flag.
+
+    Returns the table sorted by (label, index) without ``raw_expansion``.
+    """
+    order = "index" if "index" in table.column_names else "seed"
+    table = table.sort_by([("label", "ascending"), (order, "ascending")])
+    prompts, fallback = [], []
+    seen: dict[int, set[str]] = {}
+    for row in table.select(["label", "label_name", "label_text", "prompt", RAW_COLUMN]).to_pylist():
+        text = validate_expansion(
+            row[RAW_COLUMN],
+            row["label_text"],
+            _synonyms_for(row, cfg.synonyms),
+            cfg.min_chars,
+            cfg.max_chars,
+            seen.setdefault(row["label"], set()),
+        )
+        prompts.append(row["prompt"] if text is None else text)
+        fallback.append(text is None)
+    table = table.drop_columns([c for c in (RAW_COLUMN, FALLBACK_COLUMN) if c in table.column_names])
+    table = table.set_column(table.column_names.index("prompt"), "prompt", pa.array(prompts, pa.string()))
+    return table.append_column(FALLBACK_COLUMN, pa.array(fallback, pa.bool_()))
+
+
+def _no_expansion(table: pa.Table) -> pa.Table:
+    table = table.drop_columns([c for c in (FALLBACK_COLUMN,) if c in table.column_names])
+    return table.append_column(FALLBACK_COLUMN, pa.array([False] * table.num_rows, pa.bool_()))
+
+
+# ---------------------------------------------------------------------------------------- public API
+def expand_prompts(ds: ray.data.Dataset, cfg: ExpanderConfig) -> ray.data.Dataset:
+    """Replace ``prompt`` by validated LLM expansions; adds bool ``expansion_fallback``.
+
+    ``templates``: a lazy identity stage. LLM backends run as a Ray Data stage (actor pool / vLLM engines),
+    then the raw expansions are collected and validated class by class in index order (de-duplication needs
+    each class's expansions together: a barrier, like a groupby, but without a hash shuffle for a table of
+    short strings); the result is a materialized dataset with as many blocks as the expansion produced.
+    """
+    if cfg.backend == "templates":
+        return ds.map_batches(_no_expansion, batch_format="pyarrow", batch_size=None)
+    import ray
+    import ray.data
+
+    check_backend_config(cfg)
+    check_columns(list(ds.columns()))
+    if cfg.backend == "vllm":
+        from gptfl_ray.prompts.backend_vllm import vllm_raw_expansions
+
+        raw = vllm_raw_expansions(ds, cfg)
+    else:
+        raw = ds.map_batches(
+            _expander_class(cfg),
+            fn_constructor_kwargs={"cfg": cfg},
+            batch_size=cfg.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),  # each actor loads the model once
+            num_cpus=cfg.num_cpus,
+            num_gpus=cfg.num_gpus,
+        )
+    blocks = [b for b in ray.get(raw.to_arrow_refs()) if b.num_rows]
+    if not blocks:  # empty table: nothing to expand
+        return ds.map_batches(_no_expansion, batch_format="pyarrow", batch_size=None)
+    table = validate_class(pa.concat_tables(blocks, promote_options="default"), cfg)
+    n = len(blocks)
+    step = -(-table.num_rows // n)
+    return ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
+
+
+def expand_rows(rows: list[dict[str, Any]], cfg: ExpanderConfig) -> list[dict[str, Any]]:
+    """Plain-Python ``expand_prompts`` for small tables and tests (same backends, same validation)."""
+    if not rows:
+        return []
+    table = pa.Table.from_pylist(rows)
+    if cfg.backend == "templates":
+        return _no_expansion(table).to_pylist()
+    check_backend_config(cfg)
+    check_columns(table.column_names)
+    if cfg.backend == "vllm":  # the engine only runs inside Ray Data
+        import ray.data
+
+        return expand_prompts(ray.data.from_arrow(table), cfg).take_all()
+    expander = _expander_class(cfg)(cfg)
+    raw: list[str | None] = []
+    for start in range(0, len(rows), cfg.batch_size):
+        raw += expander.generate(rows[start : start + cfg.batch_size])
+    table = table.drop_columns([c for c in (RAW_COLUMN,) if c in table.column_names])
+    return validate_class(table.append_column(RAW_COLUMN, pa.array(raw, pa.string())), cfg).to_pylist()
+
+
+def count_fallbacks(table: pa.Table | ray.data.Dataset | Iterable[dict[str, Any]]) -> int:
+    """Rows whose expansion failed and kept their template prompt (0 when nothing was expanded)."""
+    if isinstance(table, pa.Table):
+        if FALLBACK_COLUMN not in table.column_names:
+            return 0
+        return int(pc.sum(pc.cast(table[FALLBACK_COLUMN], pa.int64())).as_py() or 0)
+    if hasattr(table, "select_columns") and hasattr(table, "columns"):  # a Ray Dataset
+        if FALLBACK_COLUMN not in table.columns():
+            return 0
+        counts = table.select_columns([FALLBACK_COLUMN]).to_arrow_refs()
+        import ray
+
+        return sum(count_fallbacks(t) for t in ray.get(counts))
+    return sum(bool(row.get(FALLBACK_COLUMN)) for row in table)
