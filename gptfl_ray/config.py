@@ -101,7 +101,8 @@ class ExpanderConfig(Section):
     # What the LLM is asked; placeholders {prompt} (the template prompt) and {label} (the label text).
     instruction: str = DEFAULT_EXPANSION_INSTRUCTION
     system_prompt: str | None = None  # chat models only
-    chat: bool | None = None  # wrap in the chat template; None = when the tokenizer has one (vllm: True)
+    # Wrap in the model's chat template; None = when the tokenizer has one (vllm: True; openai: always chat).
+    chat: bool | None = None
     max_new_tokens: int = Field(40, gt=0)
     temperature: float = Field(0.8, ge=0)  # 0 = greedy (batched); > 0 = sampling seeded by the row's seed
     top_p: float = Field(0.95, gt=0, le=1)
@@ -112,7 +113,8 @@ class ExpanderConfig(Section):
     batch_size: int = Field(8, gt=0)  # rows per actor call
     concurrency: int = Field(1, gt=0)  # actors in the expansion pool
     num_cpus: float = Field(1.0, gt=0)  # per actor (transformers sets its torch threads from this)
-    num_gpus: float = Field(0.0, ge=0)  # per actor (transformers/vllm)
+    # per actor (transformers); vllm takes tensor_parallel_size × pipeline_parallel_size GPUs per engine
+    num_gpus: float = Field(0.0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # transformers; auto = cuda when the actor has a GPU
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # transformers
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # vllm: vLLM engine args (max_model_len, ...)
