@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pyarrow as pa
 import pytest
 
 from gptfl_ray.config import ExpanderConfig, PromptsConfig
@@ -214,3 +215,5 @@ def test_openai_backend_in_ray_data_actor_pool(server, ray_session):
     assert count_fallbacks(ds) == 9
     assert out[0]["prompt"] == f"A fluffy cat naps on a red sofa, take {out[0]['seed']}."
     assert set(out[0]) == set(rows[0]) | {"expansion_fallback"}
+    schema = ray.get(ds.to_arrow_refs())[0].schema  # from_items inferred float64: the table types come back
+    assert schema.field("guidance_scale").type == pa.float32() and schema.field("seed").type == pa.int64()

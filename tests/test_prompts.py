@@ -225,6 +225,31 @@ def test_clean_and_mentions_helpers():
     assert not mentions("coltsfoot", ["colt's foot"])
 
 
+def test_validate_expansions_is_order_independent_and_keeps_types():
+    from gptfl_ray.prompts.expand import validate_expansions
+
+    t = table(PromptsConfig(num_per_class=4))
+    cat_raw = ["A cat nap.", "a cat NAP", "A dog.", "no label"]
+    dog_raw = ["The dog runs.", None, "the dog runs", "A dog sits."]
+    raw = [*cat_raw, *dog_raw]
+    t = t.append_column("raw_expansion", pa.array(raw, pa.string()))
+    shuffled = t.take(pa.array([5, 2, 7, 0, 3, 6, 1, 4]))
+    cfg = ExpanderConfig(synonyms={"dog": ["puppy"]})
+    a, b = validate_expansions(t, cfg), validate_expansions(shuffled, cfg)
+    assert a.equals(b)
+    assert a["expansion_fallback"].to_pylist() == [False, True, True, True, False, True, True, False]
+    assert a["prompt"].to_pylist()[:2] == ["A cat nap.", "a photo of a cat"]  # index 0 wins the duplicate
+    assert "raw_expansion" not in a.column_names
+    # row-wise paths lose Arrow types (float32 -> Python float): they are restored
+    widened = a.set_column(
+        a.column_names.index("guidance_scale"), "guidance_scale", a["guidance_scale"].cast(pa.float64())
+    )
+    widened = widened.drop_columns(["expansion_fallback"]).append_column(
+        "raw_expansion", pa.array(raw, pa.string())
+    )
+    assert validate_expansions(widened, cfg).schema.field("guidance_scale").type == pa.float32()
+
+
 # ---------------------------------------------------------------------------- templates backend
 def test_templates_backend_is_identity_without_fallbacks():
     t = table(PromptsConfig(num_per_class=3))

@@ -72,7 +72,7 @@ def _synonyms_for(row: dict[str, Any], synonyms: dict[str, list[str]]) -> list[s
     return terms
 
 
-def validate_class(table: pa.Table, cfg: ExpanderConfig) -> pa.Table:
+def validate_expansions(table: pa.Table, cfg: ExpanderConfig) -> pa.Table:
     """Validate ``raw_expansion`` per class in index order; fill ``prompt`` and the fallback flag.
 
     Returns the table sorted by (label, index) without ``raw_expansion``.
@@ -94,7 +94,18 @@ def validate_class(table: pa.Table, cfg: ExpanderConfig) -> pa.Table:
         fallback.append(text is None)
     table = table.drop_columns([c for c in (RAW_COLUMN, FALLBACK_COLUMN) if c in table.column_names])
     table = table.set_column(table.column_names.index("prompt"), "prompt", pa.array(prompts, pa.string()))
-    return table.append_column(FALLBACK_COLUMN, pa.array(fallback, pa.bool_()))
+    return _prompt_types(table.append_column(FALLBACK_COLUMN, pa.array(fallback, pa.bool_())))
+
+
+def _prompt_types(table: pa.Table) -> pa.Table:
+    """Restore the prompt-table column types lost on row-wise paths (e.g. float32 guidance -> Python float)."""
+    from gptfl_ray.prompts.templates import PROMPT_SCHEMA
+
+    for field in PROMPT_SCHEMA:
+        if field.name in table.column_names and table.schema.field(field.name).type != field.type:
+            i = table.column_names.index(field.name)
+            table = table.set_column(i, field.name, table[field.name].cast(field.type))
+    return table
 
 
 def _no_expansion(table: pa.Table) -> pa.Table:
@@ -135,7 +146,7 @@ def expand_prompts(ds: ray.data.Dataset, cfg: ExpanderConfig) -> ray.data.Datase
     blocks = [b for b in ray.get(raw.to_arrow_refs()) if b.num_rows]
     if not blocks:  # empty table: nothing to expand
         return ds.map_batches(_no_expansion, batch_format="pyarrow", batch_size=None)
-    table = validate_class(pa.concat_tables(blocks, promote_options="default"), cfg)
+    table = validate_expansions(pa.concat_tables(blocks, promote_options="default"), cfg)
     n = len(blocks)
     step = -(-table.num_rows // n)
     return ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
@@ -159,7 +170,7 @@ def expand_rows(rows: list[dict[str, Any]], cfg: ExpanderConfig) -> list[dict[st
     for start in range(0, len(rows), cfg.batch_size):
         raw += expander.generate(rows[start : start + cfg.batch_size])
     table = table.drop_columns([c for c in (RAW_COLUMN,) if c in table.column_names])
-    return validate_class(table.append_column(RAW_COLUMN, pa.array(raw, pa.string())), cfg).to_pylist()
+    return validate_expansions(table.append_column(RAW_COLUMN, pa.array(raw, pa.string())), cfg).to_pylist()
 
 
 def count_fallbacks(table: pa.Table | ray.data.Dataset | Iterable[dict[str, Any]]) -> int:
