@@ -395,9 +395,12 @@ def test_vllm_dockerfile_is_its_own_environment():
 
 def test_main_dockerfile_python_matches_vllm_image_python():
     """One Python minor version per Ray cluster: the main image is built for the vLLM image's Python."""
-    args = arg_defaults(dockerfile("Dockerfile"))
-    assert args["PYTHON_TAG"] == "py312"
-    assert "3.12" in (CLUSTER / "Dockerfile.vllm").read_text()
+    main = arg_defaults(dockerfile("Dockerfile"))["PYTHON_TAG"]
+    vllm_steps = dockerfile("Dockerfile.vllm")
+    vllm_python = arg_defaults(vllm_steps)["PYTHON_VERSION"]
+    assert main == "py" + vllm_python.replace(".", "") == "py312"
+    # ... and the vLLM build checks that its base image really has that Python.
+    assert "platform.python_version().startswith('${PYTHON_VERSION}.')" in " ".join(a for _, a in vllm_steps)
 
 
 # -------------------------------------------------------------------------------------- README

@@ -7,6 +7,7 @@ other Ray instances on the machine are never touched.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import io
@@ -28,6 +29,7 @@ import yaml
 
 from gptfl_ray import cli
 from gptfl_ray.cli import UserError
+from gptfl_ray.config import ConfigError
 from gptfl_ray.submit import (
     CONFIG_DIR_IN_JOB,
     build_entrypoint,
@@ -40,6 +42,7 @@ from gptfl_ray.submit import (
     read_auth_token,
     staged_working_dir,
     submit,
+    submit_command,
     upload_excludes,
 )
 
@@ -152,6 +155,30 @@ def test_unreachable_address_is_one_line_error_naming_it(tmp_path, capsys):
     assert len(err) == 1 and address in err[0] and err[0].startswith("gptfl submit: error:")
 
 
+def test_sweep_submission_validates_the_sweep_before_connecting(tmp_path):
+    """`gptfl submit --sweep` checks the sweep file and its base config locally, then fails on the address."""
+    address = f"http://127.0.0.1:{free_port()}"
+    args = argparse.Namespace(
+        config=str(REPO / "tune_configs" / "quickstart.yaml"),
+        overrides=["fl.rounds=2"],
+        address=address,
+        sweep=True,
+        wait=False,
+        extra_args="--smoke",
+        data_dir=None,
+        verbose=False,
+    )
+    with pytest.raises(UserError, match=address):  # validation passed: the next failure is the connection
+        submit_command(args)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "base.yaml").write_text("name: s\n")
+    bad = tmp_path / "sweeps" / "bad-sweep.yaml"
+    bad.parent.mkdir()
+    bad.write_text("name: bad\nbase: ../configs/base.yaml\ngrid: {fl.rounds: [0]}\n")
+    with pytest.raises(ConfigError, match="fl.rounds"):
+        submit_command(argparse.Namespace(**{**vars(args), "config": str(bad)}))
+
+
 # ----------------------------------------------------------------------------- a private Ray head
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[tuple[str, str]]:
@@ -223,7 +250,7 @@ def _stop_process_group(head: subprocess.Popen) -> None:
     pgid = head.pid  # start_new_session=True: the leader's pid is the group id
     head.send_signal(signal.SIGTERM)
     with contextlib.suppress(subprocess.TimeoutExpired):
-        head.wait(timeout=30)
+        head.wait(timeout=15)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
     head.wait(timeout=10)
@@ -254,7 +281,6 @@ def test_submission_machinery_with_a_trivial_entrypoint(ray_head, tmp_path):
         "assert pathlib.Path(gptfl_ray.__file__).resolve().is_relative_to(cwd.resolve()), gptfl_ray.__file__; "
         "assert (cwd / 'gptfl_ray' / 'submit.py').is_file() and (cwd / 'pyproject.toml').is_file(); "
         "assert not any((cwd / d).exists() for d in ('.git', '.venv', 'runs')); "
-        "assert not list(cwd.rglob('__pycache__')); "
         "assert os.environ['PYTHONUNBUFFERED'] == '1'; "
         "ray.init(); "  # the driver joins the cluster (token auth on) as `gptfl run` will
         "print('PROBE-OK', int(ray.cluster_resources()['CPU']))"
@@ -270,6 +296,23 @@ def test_submission_machinery_with_a_trivial_entrypoint(ray_head, tmp_path):
     info = client.get_job_info(submission_id)
     assert info.metadata["gptfl_config"] == str(config)
     assert info.metadata["gptfl_overrides"] == "fl.rounds=1"
+
+
+@pytest.mark.slow
+def test_sweep_file_and_its_base_travel_and_validate_in_the_job(ray_head):
+    url, token = ray_head
+    job = make_job_request(REPO / "tune_configs" / "quickstart.yaml", sweep=True, overrides=["fl.rounds=2"])
+    assert shlex.split(job.entrypoint)[:3] == ["gptfl", "sweep", job.config_in_job]
+    check = (
+        "from gptfl_ray.sweep import load_sweep; "
+        f"sweep, run = load_sweep({job.config_in_job!r}, ['fl.rounds=2']); "
+        "print('SWEEP-OK', sweep.name, run.fl.rounds)"
+    )
+    job = dataclasses.replace(job, entrypoint=shlex.join(["python", "-c", check]))
+    client = connect(url, token)
+    out = io.StringIO()
+    assert follow(client, submit(client, job), out=out) == 0, out.getvalue()[-3000:]
+    assert "SWEEP-OK quickstart 2" in out.getvalue()
 
 
 @pytest.mark.slow
@@ -306,5 +349,5 @@ def test_gptfl_submit_smoke_run_succeeds(ray_head, data_dir, tmp_path, monkeypat
     assert code == 0, (out.out + out.err)[-5000:]
     assert "submitted job gptfl-run-smoke-" in out.out
     assert f"{url}/#/jobs/gptfl-run-smoke-" in out.out
-    run_dirs = [p for p in runs.iterdir() if p.is_dir()]  # the job wrote its run folder where we asked
-    assert len(run_dirs) == 1 and any(run_dirs[0].iterdir())
+    run_dirs = [p for p in runs.iterdir() if p.is_dir() and p.name.startswith("smoke-")]
+    assert len(run_dirs) == 1 and (run_dirs[0] / "report.md").is_file()  # written where we asked
