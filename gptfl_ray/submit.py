@@ -192,8 +192,12 @@ def make_job_request(
     config_file = Path(config).expanduser().resolve()
     if not config_file.is_file():
         raise FileNotFoundError(f"{config}: config file not found")
-    if not (project_root / "gptfl_ray").is_dir():
-        raise UserError(f"{project_root}: not a gptfl-ray checkout (no gptfl_ray/ package to upload)")
+    if not ((project_root / "gptfl_ray").is_dir() and (project_root / "pyproject.toml").is_file()):
+        # An installed (non-editable) package would make site-packages the "project": refuse to upload that.
+        raise UserError(
+            f"{project_root}: not a gptfl-ray source checkout (pyproject.toml + gptfl_ray/); "
+            "gptfl submit uploads the checkout, so run it from one installed with `pip install -e .`"
+        )
     command = "sweep" if sweep else "run"
     config_in_job = f"{CONFIG_DIR_IN_JOB}/{config_file.name}"
     return JobRequest(

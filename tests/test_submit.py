@@ -137,6 +137,16 @@ def test_staged_working_dir_is_the_checkout_plus_config(tmp_path):
     assert not (REPO / CONFIG_DIR_IN_JOB).exists()  # the checkout itself is never written to
 
 
+def test_refuses_to_upload_anything_but_a_checkout(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("name: c\n")
+    (tmp_path / "gptfl_ray").mkdir()  # e.g. site-packages of a non-editable install: no pyproject.toml
+    with pytest.raises(UserError, match="source checkout"):
+        make_job_request(config, project_root=tmp_path)
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        make_job_request(tmp_path / "missing.yaml")
+
+
 def test_address_normalisation():
     assert normalize_address("127.0.0.1:8265/") == "http://127.0.0.1:8265"
     assert dashboard_link("https://ray.example.org", "j1") == "https://ray.example.org/#/jobs/j1"
