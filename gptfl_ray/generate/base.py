@@ -113,9 +113,7 @@ class Generator:
         if self.kind == "image":
             columns["image"] = pa.array(samples, type=pa.binary())
         else:
-            columns["audio"] = pa.array(
-                [np.asarray(s, dtype=np.float32) for s in samples], type=pa.list_(pa.float32())
-            )
+            columns["audio"] = pa.array([clean_audio(s) for s in samples], type=pa.list_(pa.float32()))
         return pa.table(columns)
 
 
@@ -138,6 +136,14 @@ def encode_png(pixels: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).save(buf, format="PNG", optimize=False)
     return buf.getvalue()
+
+
+def clean_audio(wav: Any) -> np.ndarray:
+    """float32 in [-1, 1] (resampling can overshoot a full-scale clip) with denormals flushed to zero
+    (resampler tails leave ~1e-24 values that make later float arithmetic very slow)."""
+    wav = np.clip(np.asarray(wav, dtype=np.float32).reshape(-1), -1.0, 1.0)
+    wav[np.abs(wav) < 1e-20] = 0.0
+    return wav
 
 
 def to_task_image(image: Any, size: int, channels: int) -> np.ndarray:

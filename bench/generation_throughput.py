@@ -1,0 +1,150 @@
+"""Generation throughput: the Ray Data actor-pool pipeline (1 and 2 actors) vs a plain loop.
+
+The plain loop constructs the same generator class and calls it on the same prompt table with the same batch
+size, with torch limited to the same CPU allotment an actor gets (``generate.num_cpus``, 1 by default).
+Generators: ``glyphs`` and ``diffusers`` (a tiny random Stable Diffusion pipeline built offline, or
+``--model-id`` for a real one). All numbers come from the same run. Printed per generator:
+  steady = samples/s once output flows (plain: the generation loop; Ray: first output block -> last)
+  e2e    = samples / wall time of the whole call, including model load and, for Ray, actor start-up.
+Targets: Ray with 1 actor >= 0.9× the plain loop, with 2 actors >= 1.7× (steady). Not a timed test: run on an
+otherwise idle machine with at least 2 free cores.
+
+    python bench/generation_throughput.py [--generators glyphs diffusers] [--glyph-samples 4000]
+        [--diffusers-samples 64] [--steps 4] [--batch-size 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from gptfl_ray.config import GenerateConfig, PromptsConfig
+from gptfl_ray.generate.base import Target
+from gptfl_ray.generate.registry import get_generator
+from gptfl_ray.prompts.templates import build_prompt_table
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS = [str(i) for i in range(10)]
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+TARGET = Target("image", image_size=28, channels=1, label_names=tuple(DIGITS), label_text=tuple(WORDS))
+
+
+def prompt_table(samples: int) -> pa.Table:
+    cfg = PromptsConfig(num_per_class=math.ceil(samples / 10))
+    table = build_prompt_table(
+        cfg, DIGITS, modality="image", label_text=dict(zip(DIGITS, WORDS, strict=True))
+    )
+    table = table.slice(0, samples)
+    return table.append_column("row", pa.array(range(samples), pa.int64()))
+
+
+def numpy_batch(table: pa.Table) -> dict:
+    return {
+        name: col.to_numpy(zero_copy_only=False)
+        for name, col in zip(table.column_names, table.columns, strict=True)
+    }
+
+
+def plain_loop(cfg: GenerateConfig, table: pa.Table) -> tuple[float, float]:
+    """(steady samples/s, e2e samples/s): construct the generator, call it batch by batch."""
+    import torch
+
+    torch.set_num_threads(max(1, int(cfg.num_cpus)))
+    t0 = time.perf_counter()
+    gen = get_generator(cfg.generator)(cfg, TARGET)
+    t1 = time.perf_counter()
+    rows = 0
+    for start in range(0, table.num_rows, cfg.batch_size):
+        rows += gen(numpy_batch(table.slice(start, cfg.batch_size))).num_rows
+    t2 = time.perf_counter()
+    assert rows == table.num_rows
+    return rows / (t2 - t1), rows / (t2 - t0)
+
+
+def ray_pipeline(cfg: GenerateConfig, table: pa.Table, actors: int) -> tuple[float, float]:
+    """(steady, e2e) samples/s of from_arrow -> map_batches(generator, actor pool) -> streamed to the driver."""
+    import ray
+
+    block = cfg.batch_size * max(1, math.ceil(table.num_rows / (4 * actors * cfg.batch_size)))
+    blocks = [table.slice(s, block) for s in range(0, table.num_rows, block)]
+    t0 = time.perf_counter()
+    ds = ray.data.from_arrow(blocks).map_batches(
+        get_generator(cfg.generator),
+        fn_constructor_kwargs={"cfg": cfg, "target": TARGET},
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=cfg.num_cpus,
+    )
+    rows, first, first_rows = 0, None, 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        rows += batch.num_rows
+        if first is None:
+            first, first_rows = time.perf_counter(), rows
+    t2 = time.perf_counter()
+    assert rows == table.num_rows, (rows, table.num_rows)
+    steady = (rows - first_rows) / (t2 - first) if t2 > first and rows > first_rows else float("nan")
+    return steady, rows / (t2 - t0)
+
+
+def run(name: str, cfg: GenerateConfig, samples: int) -> None:
+    table = prompt_table(samples)
+    plain = plain_loop(cfg, table)
+    one = ray_pipeline(cfg, table, 1)
+    two = ray_pipeline(cfg, table, 2)
+    print(f"\n{name}: {samples} samples, batch {cfg.batch_size}, {cfg.num_cpus:g} CPU per generator")
+    print(f"  {'':14s} {'steady/s':>10s} {'e2e/s':>10s} {'steady ×':>9s} {'e2e ×':>7s}")
+    print(f"  {'plain loop':14s} {plain[0]:10.1f} {plain[1]:10.1f}")
+    for label, (steady, e2e) in (("ray, 1 actor", one), ("ray, 2 actors", two)):
+        print(f"  {label:14s} {steady:10.1f} {e2e:10.1f} {steady / plain[0]:9.2f} {e2e / plain[1]:7.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--generators", nargs="+", default=["glyphs", "diffusers"], choices=["glyphs", "diffusers"]
+    )
+    ap.add_argument("--glyph-samples", type=int, default=4000)
+    ap.add_argument("--diffusers-samples", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=4, help="diffusion steps")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument(
+        "--model-id", default=None, help="diffusers model (default: a tiny random SD built offline)"
+    )
+    args = ap.parse_args()
+
+    import ray
+
+    tmp = tempfile.mkdtemp(prefix="gb", dir="/tmp")  # private Ray dir: other sessions may run Ray too
+    ray.init(
+        num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, _temp_dir=tmp, configure_logging=False
+    )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    if "glyphs" in args.generators:
+        run("glyphs", GenerateConfig(generator="glyphs", batch_size=args.batch_size), args.glyph_samples)
+    if "diffusers" in args.generators:
+        model_id = args.model_id
+        if model_id is None:
+            sys.path.insert(0, str(REPO))
+            from tests.tiny_generators import build_tiny_stable_diffusion
+
+            model_id = str(build_tiny_stable_diffusion(Path(tmp) / "tiny-sd"))
+        cfg = GenerateConfig(
+            generator="diffusers",
+            model_id=model_id,
+            batch_size=args.batch_size,
+            options={"num_inference_steps": args.steps},
+        )
+        run(f"diffusers ({model_id}, {args.steps} steps)", cfg, args.diffusers_samples)
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""The Ray Data generation pipeline: shards, manifest, resume after a kill, CLI, reader."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from gptfl_ray.config import validate_config
+from gptfl_ray.data.features import input_shape
+from gptfl_ray.data.registry import load_dataset
+from gptfl_ray.data.synthetic import load_synthetic, read_manifest, synthetic_ray_dataset
+from gptfl_ray.generate.pipeline import generate, generate_command, synthetic_hash
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE_COLUMNS = {
+    "row",
+    "label",
+    "label_name",
+    "prompt",
+    "guidance_scale",
+    "seed",
+    "generator",
+    "model_id",
+    "image",
+}
+
+
+def mnist_cfg(**generate_opts):
+    return validate_config(
+        {
+            "data": {"dataset": "mnist"},
+            "prompts": {"num_per_class": 3},
+            "generate": {"generator": "glyphs", "rows_per_shard": 8, "batch_size": 4, **generate_opts},
+        }
+    )
+
+
+def shard_stats(out: Path) -> dict[str, tuple[int, int]]:
+    return {
+        p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted((out / "shards").glob("*.parquet"))
+    }
+
+
+def test_glyph_pipeline_writes_shards_manifest_and_reads_back(ray_session, tmp_path, data_dir):
+    # prompts.scale: samples per class = scale × the real class counts (the only case that loads data).
+    cfg = validate_config(
+        {
+            "data": {"dataset": "mnist"},
+            "prompts": {"scale": 0.003},
+            "generate": {"generator": "glyphs", "rows_per_shard": 10, "batch_size": 4, "concurrency": 2},
+        }
+    )
+    real = load_dataset(cfg.data, data_dir).train.class_counts()
+    expected = [max(1, round(0.003 * c)) for c in real]
+    out = tmp_path / "syn"
+    manifest = generate(cfg, out, data_dir=data_dir)
+
+    assert manifest["complete"] is True
+    assert manifest["counts_per_class"] == expected
+    assert manifest["num_rows"] == sum(expected)
+    assert manifest["config_hash"] == synthetic_hash(cfg)
+    assert (manifest["image_size"], manifest["channels"], manifest["modality"]) == (28, 1, "image")
+    assert manifest["label_names"] == [str(i) for i in range(10)]
+    assert manifest["fallbacks"] == 0
+    assert read_manifest(out) == manifest
+    files = sorted((out / "shards").glob("*.parquet"))
+    assert [f.name for f in files] == [f"part-{k:05d}.parquet" for k in range(-(-sum(expected) // 10))]
+
+    rows = []
+    for k, f in enumerate(files):
+        t = pq.read_table(f)
+        assert set(t.column_names) >= IMAGE_COLUMNS
+        assert t["row"].to_pylist() == list(range(k * 10, k * 10 + t.num_rows))  # deterministic assignment
+        rows += t.to_pylist()
+    assert len({r["seed"] for r in rows}) == len(rows)
+    assert all(r["generator"] == "glyphs" and r["prompt"].startswith("a photo of a ") for r in rows)
+    img = np.asarray(Image.open(io.BytesIO(rows[0]["image"])))
+    assert img.shape == (28, 28) and img.dtype == np.uint8
+
+    # A rerun of a finished folder changes nothing.
+    before = shard_stats(out)
+    assert generate(cfg, out, data_dir=data_dir) == manifest
+    assert shard_stats(out) == before
+
+    ds = load_synthetic(out, cfg.data)
+    assert ds.x.shape == (sum(expected), 28, 28) and ds.x.dtype == np.uint8
+    assert ds.class_counts().tolist() == expected
+    batch = next(iter(synthetic_ray_dataset(out, cfg.data).iter_torch_batches(batch_size=16)))
+    assert tuple(batch["x"].shape[1:]) == input_shape("mnist", cfg.data.audio)
+    assert str(batch["x"].dtype) == "torch.float32" and str(batch["y"].dtype) == "torch.int64"
+
+
+def test_speech_pipeline_writes_audio_at_the_task_rate(ray_session, tmp_path):
+    cfg = validate_config(
+        {
+            "data": {"dataset": "fsdd", "audio": {"sample_rate": 8000}},
+            "prompts": {"num_per_class": 2},
+            "generate": {"generator": "espeak", "rows_per_shard": 4, "batch_size": 2},
+        }
+    )
+    out = tmp_path / "speech"
+    manifest = generate(cfg, out, label_names=["3", "8"])
+    assert manifest["counts_per_class"] == [2, 2]
+    assert (manifest["sample_rate"], manifest["modality"]) == (8000, "speech")
+    t = pq.read_table(out / "shards" / "part-00000.parquet")
+    assert t.schema.field("audio").type.value_type.bit_width == 32
+    assert t.schema.metadata[b"gptfl.sample_rate"] == b"8000"
+    assert t["prompt"].to_pylist() == ["three", "three", "eight", "eight"]
+    ds = load_synthetic(out, cfg.data)
+    assert ds.x.shape == (4, 8000) and ds.x.dtype == np.float32
+    assert np.allclose(np.abs(ds.x).max(axis=1), 0.9, atol=1e-3)  # peak-normalised like real clips
+    batch = next(iter(synthetic_ray_dataset(out, cfg.data).iter_torch_batches(batch_size=4)))
+    assert tuple(batch["x"].shape[1:]) == input_shape("fsdd", cfg.data.audio)
+
+
+def test_interrupted_run_resumes_without_redoing_finished_shards(ray_session, tmp_path):
+    """Kill `gptfl generate` (SIGKILL, no cleanup) once some shards exist; a rerun finishes the rest."""
+    address = ray_session.get_runtime_context().gcs_address
+    raw = {
+        "ray_address": address,
+        "data": {"dataset": "mnist"},
+        "prompts": {"num_per_class": 120},
+        "generate": {"generator": "glyphs", "rows_per_shard": 50, "batch_size": 10, "concurrency": 1},
+    }
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "syn"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptfl_ray.cli", "generate", str(cfg_path), "--output", str(out)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if len(list((out / "shards").glob("part-*.parquet"))) >= 2:
+                break
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    before = shard_stats(out)
+    assert 2 <= len(before) < 24, f"kill landed outside the run ({len(before)} shards)"
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        read_manifest(out)
+
+    cfg = validate_config(raw)
+    manifest = generate(cfg, out)
+    after = shard_stats(out)
+    assert len(after) == 24
+    assert {k: after[k] for k in before} == before  # finished shards were not rewritten
+    assert manifest["counts_per_class"] == [120] * 10
+    rows = np.concatenate(
+        [pq.read_table(f, columns=["row"])["row"].to_numpy() for f in sorted((out / "shards").glob("*"))]
+    )
+    assert np.array_equal(rows, np.arange(1200))
+    assert not list((out / "shards").glob(".*tmp"))
+
+
+def test_folder_of_another_config_is_refused(ray_session, tmp_path):
+    out = tmp_path / "syn"
+    generate(mnist_cfg(), out, label_names=["0", "1"])
+    with pytest.raises(ValueError, match="another config"):
+        generate(mnist_cfg(rows_per_shard=5), out, label_names=["0", "1"])
+
+
+def test_generate_command_reads_labels_file_and_defaults_the_output(ray_session, tmp_path, capsys):
+    cfg = mnist_cfg().model_copy(update={"output_dir": tmp_path})
+    labels = tmp_path / "labels.json"
+    # The collected union in arbitrary order: put back in the dataset's order (label i = digit i).
+    labels.write_text(json.dumps({"labels": [str(i) for i in reversed(range(10))]}))
+    args = argparse.Namespace(cfg=cfg, output=None, labels=str(labels), data_dir=None)
+    assert generate_command(args) == 0
+    out = tmp_path / f"synthetic-{synthetic_hash(cfg)}"
+    manifest = read_manifest(out)
+    assert manifest["label_names"] == [str(i) for i in range(10)]
+    assert str(out) in capsys.readouterr().out
+
+    subset = tmp_path / "subset.json"
+    subset.write_text(json.dumps({"labels": ["7", "2"]}))
+    args = argparse.Namespace(cfg=cfg, output=str(tmp_path / "sub"), labels=str(subset), data_dir=None)
+    assert generate_command(args) == 0
+    assert read_manifest(tmp_path / "sub")["label_names"] == ["7", "2"]
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"labels": []}))
+    with pytest.raises(ValueError, match="bad.json"):
+        generate_command(argparse.Namespace(cfg=cfg, output=None, labels=str(bad), data_dir=None))
+
+
+def test_cli_reports_bad_generator_options_in_one_line(tmp_path):
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump({"generate": {"generator": "glyphs", "options": {"fontz": []}}}))
+    res = subprocess.run(
+        [sys.executable, "-m", "gptfl_ray.cli", "generate", str(cfg_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        "gptfl generate: error: generate.options.fontz: unknown option (generator 'glyphs')"
+    ]
+
+
+def test_reader_errors_name_the_folder(tmp_path):
+    cfg = mnist_cfg()
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        load_synthetic(tmp_path, cfg.data)
+    (tmp_path / "manifest.json").write_text(json.dumps({"complete": False}))
+    with pytest.raises(ValueError, match="incomplete"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text(
+        json.dumps(
+            {"complete": True, "kind": "audio", "sample_rate": 8000, "shards": [], "label_names": ["a"]}
+        )
+    )
+    with pytest.raises(ValueError, match="holds audio data but data.dataset 'mnist' is image"):
+        load_synthetic(tmp_path, cfg.data)
