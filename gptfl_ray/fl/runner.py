@@ -1,0 +1,380 @@
+"""Step 4 of GPT-FL: ``run_federated`` (Python API) and ``gptfl federate`` (CLI).
+
+One run folder holds::
+
+    run.json            seed, init weights, the config (a resume checks it is compatible)
+    metrics.jsonl       one line per round (per client in isolated mode)
+    events.jsonl        actor deaths, rejected updates, skipped rounds
+    checkpoint/         see gptfl_ray.fl.checkpoint
+    state/              per-virtual-client strategy state (SCAFFOLD), versioned with the checkpoints
+    final.safetensors   final global weights (a state dict of cfg.model)
+    summary.json        the run's result (keys in gptfl_ray.fl.metrics.summarize)
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from gptfl_ray.config import ConfigError, RunConfig, dump_config
+from gptfl_ray.fl.checkpoint import Checkpoint, latest_round, load_checkpoint, save_checkpoint
+from gptfl_ray.fl.client import ClientSpec, FLClient
+from gptfl_ray.fl.data import FederatedData, prepare_federated_data
+from gptfl_ray.fl.flat import VectorLayout
+from gptfl_ray.fl.isolated import run_isolated
+from gptfl_ray.fl.metrics import Progress, summarize
+from gptfl_ray.fl.pool import ClientPool, actor_namespace
+from gptfl_ray.fl.server import FederatedServer
+from gptfl_ray.fl.strategies import Strategy, build_strategy
+from gptfl_ray.io import append_jsonl, atomic_write_json, load_weights, read_json, save_weights, write_jsonl
+from gptfl_ray.models import build_model
+
+__all__ = ["FederatedData", "federate_command", "prepare_federated_data", "run_federated"]
+
+log = logging.getLogger(__name__)
+
+RUN_META = "run.json"
+# FL settings a resume may change: they do not change the weights the run computes.
+RESUMABLE_FL_FIELDS = {
+    "rounds",
+    "checkpoint_every",
+    "eval_every",
+    "eval_batch_size",
+    "num_actors",
+    "actor_num_cpus",
+    "actor_num_gpus",
+    "client_retries",
+    "max_actor_replacements",
+    "target_accuracy",
+}
+
+
+def run_federated(
+    cfg: RunConfig,
+    *,
+    seed: int,
+    out_dir: Path,
+    init_weights: Path | None = None,
+    resume: bool = False,
+    data: FederatedData | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    client_cls: type[FLClient] = FLClient,
+) -> dict[str, Any]:
+    """Run FL (or the client-isolated control when ``cfg.fl.mode == "isolated"``) into ``out_dir``.
+
+    ``on_round(record)`` is called after every evaluated round; ``resume`` continues from the last
+    checkpoint in ``out_dir`` (from scratch if there is none). Returns the summary dict.
+    """
+    t_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    strategy = check_fl_config(cfg)
+    ckpt_root = out_dir / "checkpoint"
+    has_checkpoint = latest_round(ckpt_root) is not None
+    if resume:
+        init_weights = _check_resume(out_dir, cfg, seed, init_weights)
+    elif has_checkpoint:
+        raise ValueError(
+            f"{out_dir}: already holds an FL run with checkpoints; resume it (--resume) or choose another folder"
+        )
+    if not resume or (cfg.fl.mode == "federated" and not has_checkpoint):
+        _clear_run_folder(out_dir)
+    init_label = str(init_weights) if init_weights else "random"
+    atomic_write_json(out_dir / RUN_META, {"seed": seed, "init": init_label, "config": dump_config(cfg)})
+
+    data = data or prepare_federated_data(cfg, seed)
+    torch.manual_seed(seed)
+    model = build_model(cfg.model.name, data.num_classes, data.input_shape, width=cfg.model.width)
+    if init_weights:
+        _load_init(model, Path(init_weights), cfg)
+    workers = LazyPool(cfg, data, out_dir, client_cls)
+    try:
+        if cfg.fl.mode == "isolated":
+            x = VectorLayout.of(model).to_vector(model.state_dict())
+            summary = run_isolated(
+                cfg.fl, data, workers.get, x, seed=seed, metrics_path=out_dir / "metrics.jsonl"
+            )
+            summary.update(strategy="isolated", seed=seed, init=init_label)
+        else:
+            summary = _run_rounds(
+                cfg,
+                data,
+                strategy,
+                model,
+                workers,
+                seed=seed,
+                out_dir=out_dir,
+                resume=resume,
+                init_label=init_label,
+                t_start=t_start,
+                on_round=on_round,
+            )
+        atomic_write_json(out_dir / "summary.json", summary)
+        return summary
+    finally:
+        workers.close()
+
+
+class LazyPool:
+    """The run's client actors (and Ray itself), started on first use: a finished run resumes instantly."""
+
+    def __init__(self, cfg: RunConfig, data: FederatedData, out_dir: Path, client_cls: type[FLClient]):
+        self.cfg, self.data, self.out_dir, self.client_cls = cfg, data, out_dir, client_cls
+        self.on_event = _event_log(out_dir / "events.jsonl")
+        self.pool: ClientPool | None = None
+        self.started_ray = False
+
+    def get(self) -> ClientPool:
+        if self.pool is None:
+            cfg, fl = self.cfg, self.cfg.fl
+            self.started_ray = _ensure_ray(cfg)
+            spec = ClientSpec(
+                model=cfg.model.name,
+                num_classes=self.data.num_classes,
+                input_shape=self.data.input_shape,
+                width=cfg.model.width,
+                local=fl.local,
+                strategy=fl.strategy,
+                eval_batch_size=fl.eval_batch_size,
+                num_cpus=fl.actor_num_cpus,
+                use_gpu=fl.actor_num_gpus > 0,
+            )
+            self.pool = ClientPool(
+                spec,
+                fl.num_actors,
+                num_cpus=fl.actor_num_cpus,
+                num_gpus=fl.actor_num_gpus,
+                namespace=actor_namespace(self.out_dir),
+                max_replacements=fl.max_actor_replacements,
+                actor_cls=self.client_cls,
+                on_event=self.on_event,
+            )
+            self.pool.wait_ready()
+        return self.pool
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
+        if self.started_ray:
+            ray.shutdown()
+            self.started_ray = False
+
+
+def _run_rounds(
+    cfg: RunConfig,
+    data: FederatedData,
+    strategy: Strategy,
+    model: torch.nn.Module,
+    workers: LazyPool,
+    *,
+    seed: int,
+    out_dir: Path,
+    resume: bool,
+    init_label: str,
+    t_start: float,
+    on_round: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any]:
+    fl = cfg.fl
+    ckpt_root, metrics_path = out_dir / "checkpoint", out_dir / "metrics.jsonl"
+    layout, template = VectorLayout.of(model), model.state_dict()
+    x = layout.to_vector(template)
+    strategy.setup(layout, data.num_clients, out_dir / "state")
+    progress = Progress(fl.target_accuracy)
+    records: list[dict[str, Any]] = []
+    start = 0
+    ckpt = load_checkpoint(ckpt_root) if resume else None
+    if ckpt is not None:
+        x = layout.to_vector(ckpt.global_state)
+        strategy.load_state_dict(ckpt.strategy_tensors, ckpt.state["strategy"])
+        progress.load(ckpt.state["progress"])
+        progress.target = fl.target_accuracy
+        records, start = ckpt.metrics, ckpt.round
+        write_jsonl(metrics_path, records)  # drop the lines of rounds after the checkpoint
+        log.info("resuming %s after round %d of %d", out_dir, start, fl.rounds)
+
+    if start < fl.rounds:
+        server = FederatedServer(fl, data, strategy, workers.get(), seed=seed, on_event=workers.on_event)
+        progress.elapsed_s += time.perf_counter() - t_start  # set-up: data, Ray, actors
+    for rnd in range(start + 1, fl.rounds + 1):
+        t0 = time.perf_counter()
+        x, rec = server.train_round(rnd, x)
+        if rnd % fl.eval_every == 0 or rnd == fl.rounds:
+            t1 = time.perf_counter()
+            rec.update(server.evaluate(x))
+            rec["eval_s"] = time.perf_counter() - t1
+        rec["wall_time_s"] = time.perf_counter() - t0
+        progress.add_round(rec)
+        records.append(rec)
+        append_jsonl(metrics_path, rec)
+        _log_round(rec, fl.rounds)
+        if (fl.checkpoint_every and rnd % fl.checkpoint_every == 0) or rnd == fl.rounds:
+            tensors, meta = strategy.state_dict()
+            state = {
+                "seed": seed,
+                "progress": progress.state(),
+                "strategy": meta,
+                # Client sampling and local training are seeded by (seed, round, client): the RNG state
+                # of a run after round r is fully described by (seed, r).
+                "rng": {"seed": seed, "next_round": rnd + 1},
+            }
+            save_checkpoint(
+                ckpt_root, Checkpoint(rnd, layout.to_state_dict(x, template), tensors, state, records)
+            )
+            strategy.checkpoint_committed()
+        if on_round is not None and rec.get("accuracy") is not None:
+            on_round(rec)
+
+    save_weights(
+        out_dir / "final.safetensors", layout.to_state_dict(x, template), metadata={"model": cfg.model.name}
+    )
+    return summarize(records, progress, strategy=fl.strategy.name, seed=seed, init=init_label)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def check_fl_config(cfg: RunConfig) -> Strategy:
+    """Fail fast on FL settings that cannot run; returns the (validated) strategy."""
+    if cfg.fl.secure_aggregation:
+        raise ConfigError(
+            "fl.secure_aggregation: not available yet in the FL runtime (set it to false; the label-collection "
+            "step already uses secure aggregation)"
+        )
+    return build_strategy(cfg.fl.strategy)
+
+
+def _log_round(rec: dict[str, Any], rounds: int) -> None:
+    acc = f"acc {rec['accuracy']:.4f} loss {rec['loss']:.4f} | " if rec.get("accuracy") is not None else ""
+    log.info(
+        "round %d/%d: %s%d updates, %d rejected, %d failed%s | %.2f s, %.1f MB total",
+        rec["round"],
+        rounds,
+        acc,
+        rec["num_updates"],
+        len(rec["rejected"]),
+        len(rec["failed_clients"]),
+        " (skipped)" if rec["skipped"] else "",
+        rec["wall_time_s"],
+        rec["cum_mb"],
+    )
+
+
+def _event_log(path: Path) -> Callable[[dict[str, Any]], None]:
+    def emit(event: dict[str, Any]) -> None:
+        event = {"time": datetime.now().isoformat(timespec="seconds"), **event}
+        log.warning("event: %s", " ".join(f"{k}={v}" for k, v in event.items() if k != "time"))
+        append_jsonl(path, event)
+
+    return emit
+
+
+def _clear_run_folder(out_dir: Path) -> None:
+    """A fresh run owns its folder: outputs of an earlier attempt that never checkpointed go."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.jsonl", "events.jsonl", "summary.json", "final.safetensors"):
+        (out_dir / name).unlink(missing_ok=True)
+    for name in ("state", "checkpoint"):
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+
+
+def _check_resume(out_dir: Path, cfg: RunConfig, seed: int, init_weights: Path | None) -> Path | None:
+    """The interrupted run's init weights; errors if seed or result-changing config differ."""
+    meta_path = out_dir / RUN_META
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path}: not an FL run folder (nothing to resume)")
+    meta = read_json(meta_path)
+    if meta["seed"] != seed:
+        raise ConfigError(f"{out_dir}: the run used seed {meta['seed']}, not {seed}")
+    old, new = meta["config"], dump_config(cfg)
+    changed = [s for s in ("data", "partition", "model") if old.get(s) != new[s]]
+    changed += [
+        f"fl.{k}"
+        for k in sorted(set(old.get("fl", {})) | set(new["fl"]))
+        if k not in RESUMABLE_FL_FIELDS and old.get("fl", {}).get(k) != new["fl"].get(k)
+    ]
+    if changed:
+        raise ConfigError(f"{out_dir}: cannot resume with a different {', '.join(changed)} (see {RUN_META})")
+    saved_init = None if meta["init"] == "random" else Path(meta["init"])
+    if init_weights is not None and saved_init is not None and Path(init_weights) != saved_init:
+        raise ConfigError(f"{out_dir}: the run started from {saved_init}, not {init_weights}")
+    return init_weights or saved_init
+
+
+def _load_init(model: torch.nn.Module, path: Path, cfg: RunConfig) -> None:
+    state = load_weights(path)
+    ref = model.state_dict()
+    missing = [k for k in ref if k not in state]
+    unexpected = [k for k in state if k not in ref]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(ref[k].shape)}"
+        for k in ref
+        if k in state and state[k].shape != ref[k].shape
+    ]
+    if missing or unexpected or shapes:
+        detail = "; ".join(
+            f"{what}: {', '.join(items[:3])}{' …' if len(items) > 3 else ''}"
+            for what, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
+            if items
+        )
+        raise ValueError(f"{path}: weights do not fit model.name={cfg.model.name!r} ({detail})")
+    model.load_state_dict(state)
+
+
+def _ensure_ray(cfg: RunConfig) -> bool:
+    """Connect to Ray if needed; True when this call started it (and so must shut it down)."""
+    if ray.is_initialized():
+        started = False
+    else:
+        ray.init(address=cfg.ray_address, configure_logging=False)
+        started = True
+    cpus = ray.cluster_resources().get("CPU", 0)
+    want = cfg.fl.num_actors * cfg.fl.actor_num_cpus
+    if want > cpus:
+        log.warning(
+            "fl: %d actors × %g CPUs = %g CPUs, the cluster has %g: some actors wait for resources",
+            cfg.fl.num_actors,
+            cfg.fl.actor_num_cpus,
+            want,
+            cpus,
+        )
+    return started
+
+
+def federate_command(args) -> int:
+    """``gptfl federate CONFIG [--init WEIGHTS] [--resume RUN_DIR] [--output RUN_DIR] [--seed N]``."""
+    cfg: RunConfig = args.cfg
+    check_fl_config(cfg)
+    if args.resume:
+        out_dir = Path(args.resume)
+        meta_path = out_dir / RUN_META
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{meta_path}: not an FL run folder (nothing to resume)")
+        seed = args.seed if args.seed is not None else read_json(meta_path)["seed"]
+    else:
+        seed = args.seed if args.seed is not None else cfg.seeds[0]
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        out_dir = Path(args.output) if args.output else cfg.output_dir / f"{cfg.name}-fl-seed{seed}-{stamp}"
+    init = Path(args.init) if args.init else None
+    if init is not None and not init.is_file():
+        raise FileNotFoundError(f"{init}: --init weights file not found")
+    print(f"FL run folder: {out_dir}", flush=True)
+    data = prepare_federated_data(cfg, seed, getattr(args, "data_dir", None))
+    s = run_federated(cfg, seed=seed, out_dir=out_dir, init_weights=init, resume=bool(args.resume), data=data)
+    if cfg.fl.mode == "isolated":
+        print(
+            f"isolated: accuracy {s['isolated_mean_accuracy']:.4f} ± {s['isolated_std_accuracy']:.4f} "
+            f"over {len(s['isolated_accuracies'])} clients"
+        )
+    else:
+        target = f", target reached in round {s['rounds_to_target']}" if s["rounds_to_target"] else ""
+        print(
+            f"{s['strategy']}: final accuracy {s['final_accuracy']:.4f} (best {s['best_accuracy']:.4f}) "
+            f"after {s['rounds']} rounds, {s['total_mb']:.1f} MB{target}; {s['wall_time_s']:.1f} s"
+        )
+    return 0

@@ -1,0 +1,198 @@
+"""The server: sample clients, dispatch to the actor pool, fold updates in as they arrive, apply, evaluate.
+
+Client shards are put into Ray's object store once per run and the global weights once per round; tasks
+carry only references. Updates are validated when they arrive and folded into the round's sums in
+*sampled* order (a small reorder buffer holds early finishers), so the aggregate is bit-identical however
+the actors interleave — which is what makes re-dispatch and resume exact.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from gptfl_ray.config import FLConfig
+from gptfl_ray.fl.aggregate import GradientDiversity, WeightedSum, check_vector
+from gptfl_ray.fl.client import task_seed
+from gptfl_ray.fl.data import FederatedData
+from gptfl_ray.fl.flat import from_shared
+from gptfl_ray.fl.metrics import BYTES_PER_VALUE, eval_metrics
+from gptfl_ray.fl.pool import ClientPool, Outcome, Task
+from gptfl_ray.fl.strategies import Strategy
+
+log = logging.getLogger(__name__)
+
+
+def sample_clients(num_clients: int, k: int, *, seed: int, rnd: int, with_replacement: bool) -> list[int]:
+    """The clients of round ``rnd``: a function of (seed, round) only, so resuming needs no RNG state."""
+    rng = np.random.default_rng([seed, rnd])
+    if with_replacement:
+        return sorted(rng.choice(num_clients, size=k, replace=True).tolist())
+    return sorted(rng.choice(num_clients, size=min(k, num_clients), replace=False).tolist())
+
+
+class FederatedServer:
+    def __init__(
+        self,
+        fl: FLConfig,
+        data: FederatedData,
+        strategy: Strategy,
+        pool: ClientPool,
+        *,
+        seed: int,
+        on_event: Callable[[dict[str, Any]], None],
+    ):
+        self.fl = fl
+        self.strategy = strategy
+        self.pool = pool
+        self.seed = seed
+        self.on_event = on_event
+        self.num_clients = data.num_clients
+        self.sizes = data.client_sizes()
+        self.shards = [ray.put((x.numpy(), y.numpy())) for x, y in data.clients]
+        # The test set in one slice per actor: evaluation runs data-parallel over the pool.
+        tx, ty = data.test
+        bounds = np.linspace(0, len(ty), len(pool.actors) + 1).astype(int)
+        self.test_slices = [
+            ray.put((tx[a:b].numpy(), ty[a:b].numpy())) for a, b in itertools.pairwise(bounds) if b > a
+        ]
+        if fl.clients_per_round > self.num_clients and not fl.with_replacement:
+            log.warning(
+                "fl.clients_per_round=%d > %d clients: every client takes part in every round",
+                fl.clients_per_round,
+                self.num_clients,
+            )
+
+    # ------------------------------------------------------------------------------------ training
+    def train_round(self, rnd: int, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """One round of local training and aggregation; returns the new global vector and the round's record."""
+        fl, strategy = self.fl, self.strategy
+        sampled = sample_clients(
+            self.num_clients,
+            fl.clients_per_round,
+            seed=self.seed,
+            rnd=rnd,
+            with_replacement=fl.with_replacement,
+        )
+        x_ref = ray.put(x.numpy())
+        broadcast = {k: v.numpy() for k, v in strategy.broadcast().items()}
+        broadcast_ref = ray.put(broadcast) if broadcast else None
+        tasks = [
+            Task(
+                key=i,
+                method="train",
+                args=(
+                    x_ref,
+                    self.shards[cid],
+                    broadcast_ref,
+                    strategy.client_state(cid),
+                    task_seed(self.seed, rnd, cid, i),
+                ),
+                client=cid,
+            )
+            for i, cid in enumerate(sampled)
+        ]
+        size, uploads = x.numel(), strategy.upload_sizes()
+        total, diversity = WeightedSum(size), GradientDiversity(size)
+        rejected: list[int] = []
+        lost: list[int] = []
+        loss_sum, loss_n, client_s = 0.0, 0, 0.0
+        pending: dict[int, Outcome | None] = {}
+        next_i = 0
+        received = 0
+
+        for out in self.pool.run(tasks, retries=fl.client_retries):
+            cid = out.task.client
+            if out.error:
+                lost.append(cid)
+                pending[out.task.key] = None
+            else:
+                received += 1
+                client_s += out.value["seconds"]
+                reason = self._check(out.value, size, uploads)
+                if reason:
+                    rejected.append(cid)
+                    self.on_event({"event": "update_rejected", "round": rnd, "client": cid, "reason": reason})
+                pending[out.task.key] = None if reason else out
+            while next_i in pending:  # fold in sampled order
+                done = pending.pop(next_i)
+                next_i += 1
+                if done is None:
+                    continue
+                v = done.value
+                delta = from_shared(v["delta"])
+                total.add(delta, strategy.aggregation_weight(v["num_samples"]))
+                diversity.add(delta, float(torch.linalg.vector_norm(delta, dtype=torch.float64)))
+                loss_sum += v["train_loss"] * v["num_samples"]
+                loss_n += v["num_samples"]
+                strategy.accept(done.task.client, rnd, {k: from_shared(a) for k, a in v["uploads"].items()})
+
+        needed = math.ceil(fl.min_clients_fraction * len(sampled))
+        mean = total.mean()
+        applied = total.count >= needed and mean is not None
+        if applied:
+            x = strategy.server_update(x, mean)
+        else:
+            self.on_event(
+                {
+                    "event": "round_skipped",
+                    "round": rnd,
+                    "accepted": total.count,
+                    "needed": needed,
+                    "reason": "too few valid updates (fl.min_clients_fraction)",
+                }
+            )
+        strategy.end_round(applied)
+
+        dispatches = sum(t.dispatches for t in tasks)
+        down = size + sum(int(np.prod(a.shape)) for a in broadcast.values())
+        up = size + sum(uploads.values())
+        failed = sorted({t.client for t in tasks if t.dispatches > 1} | set(lost))
+        record = {
+            "round": rnd,
+            "sampled": sampled,
+            "num_updates": total.count,
+            "rejected": rejected,
+            "failed_clients": failed,
+            "lost_clients": lost,
+            "skipped": not applied,
+            "train_loss": loss_sum / loss_n if loss_n else None,
+            "grad_diversity": diversity.value(),
+            "client_time_s": client_s,  # summed local-training time of the received updates
+            "params_down": dispatches * down,
+            "params_up": received * up,
+            "bytes_down": dispatches * down * BYTES_PER_VALUE,
+            "bytes_up": received * up * BYTES_PER_VALUE,
+        }
+        return x, record
+
+    def _check(self, value: dict[str, Any], size: int, uploads: dict[str, int]) -> str | None:
+        reason, _ = check_vector(from_shared(value["delta"]), size, self.fl.max_update_norm)
+        if reason:
+            return f"update: {reason}"
+        for name, n in uploads.items():
+            if name not in value["uploads"]:
+                return f"{name}: missing"
+            reason, _ = check_vector(from_shared(value["uploads"][name]), n)
+            if reason:
+                return f"{name}: {reason}"
+        return None
+
+    # ---------------------------------------------------------------------------------- evaluation
+    def evaluate(self, x: torch.Tensor) -> dict[str, Any]:
+        """Accuracy, loss and per-class accuracy of ``x`` on the held-out set, data-parallel over the pool."""
+        x_ref = ray.put(x.numpy())
+        tasks = [Task(key=i, method="evaluate", args=(x_ref, ref)) for i, ref in enumerate(self.test_slices)]
+        parts: dict[int, Any] = {}
+        for out in self.pool.run(tasks, retries=self.pool.max_replacements):
+            if out.error:
+                raise RuntimeError(f"evaluation failed: {out.error}")
+            parts[out.task.key] = out.value
+        return eval_metrics([parts[i] for i in sorted(parts)])
