@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     module, func, _ = COMMANDS[args.command]
     try:
         # Validate the run config before importing anything heavy: typos fail in milliseconds.
-        if args.command not in ("sweep", "report"):
+        if args.command not in ("sweep", "report") and not (args.command == "submit" and args.sweep):
             args.cfg = load_config(args.config, args.overrides)
         handler = getattr(importlib.import_module(module), func)
         return int(handler(args) or 0)
