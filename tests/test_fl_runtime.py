@@ -178,6 +178,17 @@ def test_interrupted_run_resumes_to_identical_weights(reference, small_data, tmp
     seen = {c for r in ref for c in r["sampled"]}
     assert len(list((tmp_path / "state" / "scaffold").iterdir())) == len(seen)
 
+    with pytest.raises(ValueError, match="used seed 0, not 1"):
+        run_federated(small_cfg(), seed=1, out_dir=tmp_path, data=small_data, resume=True)
+    with pytest.raises(ValueError, match="started from random init"):
+        run_federated(
+            small_cfg(),
+            seed=0,
+            out_dir=tmp_path,
+            data=small_data,
+            resume=True,
+            init_weights=tmp_path / "other.safetensors",
+        )
     with pytest.raises(ValueError, match="already holds an FL run"):
         run_federated(small_cfg(), seed=0, out_dir=tmp_path, data=small_data)
     with pytest.raises(ValueError, match=r"different fl\.strategy"):

@@ -374,3 +374,38 @@ def test_checkpoint_commit_and_round_trip(tmp_path):
     assert c.round == 4 and c.global_state["w"].item() == 4.0 and len(c.metrics) == 4
     assert c.state["progress"]["cum_bytes"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "round-000004"]
+
+
+def test_updates_fold_in_sampled_order_whatever_the_arrival_order():
+    from gptfl_ray.fl.server import InOrderFold
+
+    class Recorder(type(strategy("fedavg"))):
+        def accept(self, cid, rnd, uploads):
+            self.seen.append(cid)
+
+    def item(cid, values):
+        return cid, {
+            "delta": np.array(values, dtype=np.float32),
+            "num_samples": 1,
+            "train_loss": 0.0,
+            "uploads": {},
+        }
+
+    # float32 addition is not associative: 1e8 + 1 − 1e8 depends on the order
+    items = [item(10, [1e8, 0.0]), item(11, [1.0, 1.0]), item(12, [-1e8, 2.0])]
+    sums = []
+    for arrival in ([0, 1, 2], [2, 0, 1], [1, 2, 0]):
+        s = Recorder(Recorder.Params())
+        s.seen = []
+        fold = InOrderFold(s, 1, 2)
+        for i in arrival:
+            fold.offer(i, items[i])
+        sums.append(fold.total.total.clone())
+        assert s.seen == [10, 11, 12] and fold.total.count == 3
+    assert all(torch.equal(sums[0], t) for t in sums[1:])
+    fold = InOrderFold(Recorder(Recorder.Params()), 1, 2)
+    fold.strategy.seen = []
+    fold.offer(1, items[1])
+    assert fold.total.count == 0  # waits for position 0
+    fold.offer(0, None)  # lost / rejected
+    assert fold.total.count == 1 and fold.strategy.seen == [11]

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorAlreadyExistsError, ActorUnavailableError, RayActorError
 
 from gptfl_ray.fl.client import ClientSpec, FLClient
 
@@ -74,9 +76,16 @@ class ClientPool:
         self.actors = [self._start(slot, f"fl-client-{slot}") for slot in range(size)]
 
     def _start(self, slot: int, name: str):
-        return self._remote_cls.options(name=name, namespace=self.namespace, **self._options).remote(
-            self.spec
-        )
+        # A resumed run reuses its namespace; the previous attempt's actors release their names
+        # asynchronously after ray.kill, so wait briefly for a name, then fall back to a suffixed one.
+        for attempt in range(50):
+            candidate = name if attempt < 49 else f"{name}-{uuid.uuid4().hex[:6]}"
+            try:
+                opts = self._remote_cls.options(name=candidate, namespace=self.namespace, **self._options)
+                return opts.remote(self.spec)
+            except ActorAlreadyExistsError:
+                time.sleep(0.1)
+        raise RuntimeError(f"could not start client actor {name}")
 
     def _replace(self, slot: int, err: BaseException) -> None:
         self.replacements += 1

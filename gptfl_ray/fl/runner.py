@@ -301,9 +301,13 @@ def _check_resume(out_dir: Path, cfg: RunConfig, seed: int, init_weights: Path |
     if changed:
         raise ConfigError(f"{out_dir}: cannot resume with a different {', '.join(changed)} (see {RUN_META})")
     saved_init = None if meta["init"] == "random" else Path(meta["init"])
-    if init_weights is not None and saved_init is not None and Path(init_weights) != saved_init:
-        raise ConfigError(f"{out_dir}: the run started from {saved_init}, not {init_weights}")
-    return init_weights or saved_init
+    if init_weights is not None and (
+        saved_init is None or Path(init_weights).resolve() != saved_init.resolve()
+    ):
+        raise ConfigError(
+            f"{out_dir}: the run started from {saved_init or 'random init'}, not {init_weights}"
+        )
+    return saved_init
 
 
 def _load_init(model: torch.nn.Module, path: Path, cfg: RunConfig) -> None:

@@ -24,7 +24,7 @@ from gptfl_ray.fl.client import task_seed
 from gptfl_ray.fl.data import FederatedData
 from gptfl_ray.fl.flat import from_shared
 from gptfl_ray.fl.metrics import BYTES_PER_VALUE, eval_metrics
-from gptfl_ray.fl.pool import ClientPool, Outcome, Task
+from gptfl_ray.fl.pool import ClientPool, Task
 from gptfl_ray.fl.strategies import Strategy
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,38 @@ def sample_clients(num_clients: int, k: int, *, seed: int, rnd: int, with_replac
     if with_replacement:
         return sorted(rng.choice(num_clients, size=k, replace=True).tolist())
     return sorted(rng.choice(num_clients, size=min(k, num_clients), replace=False).tolist())
+
+
+class InOrderFold:
+    """Folds the round's accepted updates into the sums in *sampled* order, whatever the arrival order.
+
+    ``offer(i, item)`` hands over the i-th sampled task's outcome (``None``: lost or rejected); early
+    finishers wait in a small reorder buffer until every earlier position has been offered.
+    """
+
+    def __init__(self, strategy: Strategy, rnd: int, size: int):
+        self.strategy, self.rnd = strategy, rnd
+        self.total = WeightedSum(size)
+        self.diversity = GradientDiversity(size)
+        self.loss_sum, self.loss_n = 0.0, 0
+        self._pending: dict[int, tuple[int, dict[str, Any]] | None] = {}
+        self._next = 0
+
+    def offer(self, index: int, item: tuple[int, dict[str, Any]] | None) -> None:
+        self._pending[index] = item
+        while self._next in self._pending:
+            item = self._pending.pop(self._next)
+            self._next += 1
+            if item is not None:
+                self._add(*item)
+
+    def _add(self, cid: int, v: dict[str, Any]) -> None:
+        delta = from_shared(v["delta"])
+        self.total.add(delta, self.strategy.aggregation_weight(v["num_samples"]))
+        self.diversity.add(delta, float(torch.linalg.vector_norm(delta, dtype=torch.float64)))
+        self.loss_sum += v["train_loss"] * v["num_samples"]
+        self.loss_n += v["num_samples"]
+        self.strategy.accept(cid, self.rnd, {k: from_shared(a) for k, a in v["uploads"].items()})
 
 
 class FederatedServer:
@@ -100,39 +132,24 @@ class FederatedServer:
             for i, cid in enumerate(sampled)
         ]
         size, uploads = x.numel(), strategy.upload_sizes()
-        total, diversity = WeightedSum(size), GradientDiversity(size)
+        fold = InOrderFold(strategy, rnd, size)
         rejected: list[int] = []
         lost: list[int] = []
-        loss_sum, loss_n, client_s = 0.0, 0, 0.0
-        pending: dict[int, Outcome | None] = {}
-        next_i = 0
-        received = 0
-
+        received, client_s = 0, 0.0
         for out in self.pool.run(tasks, retries=fl.client_retries):
             cid = out.task.client
             if out.error:
                 lost.append(cid)
-                pending[out.task.key] = None
-            else:
-                received += 1
-                client_s += out.value["seconds"]
-                reason = self._check(out.value, size, uploads)
-                if reason:
-                    rejected.append(cid)
-                    self.on_event({"event": "update_rejected", "round": rnd, "client": cid, "reason": reason})
-                pending[out.task.key] = None if reason else out
-            while next_i in pending:  # fold in sampled order
-                done = pending.pop(next_i)
-                next_i += 1
-                if done is None:
-                    continue
-                v = done.value
-                delta = from_shared(v["delta"])
-                total.add(delta, strategy.aggregation_weight(v["num_samples"]))
-                diversity.add(delta, float(torch.linalg.vector_norm(delta, dtype=torch.float64)))
-                loss_sum += v["train_loss"] * v["num_samples"]
-                loss_n += v["num_samples"]
-                strategy.accept(done.task.client, rnd, {k: from_shared(a) for k, a in v["uploads"].items()})
+                fold.offer(out.task.key, None)
+                continue
+            received += 1
+            client_s += out.value["seconds"]
+            reason = self._check(out.value, size, uploads)
+            if reason:
+                rejected.append(cid)
+                self.on_event({"event": "update_rejected", "round": rnd, "client": cid, "reason": reason})
+            fold.offer(out.task.key, None if reason else (cid, out.value))
+        total = fold.total
 
         needed = math.ceil(fl.min_clients_fraction * len(sampled))
         mean = total.mean()
@@ -161,10 +178,10 @@ class FederatedServer:
             "num_updates": total.count,
             "rejected": rejected,
             "failed_clients": failed,
-            "lost_clients": lost,
+            "lost_clients": sorted(lost),
             "skipped": not applied,
-            "train_loss": loss_sum / loss_n if loss_n else None,
-            "grad_diversity": diversity.value(),
+            "train_loss": fold.loss_sum / fold.loss_n if fold.loss_n else None,
+            "grad_diversity": fold.diversity.value(),
             "client_time_s": client_s,  # summed local-training time of the received updates
             "params_down": dispatches * down,
             "params_up": received * up,
