@@ -185,15 +185,19 @@ class PromptsConfig(Section):
 
 # ------------------------------------------------------------------------------------------ generate
 class GenerateConfig(Section):
+    """Step 2. ``options`` are the generator's own (validated by it; unknown keys name
+    ``generate.options.<key>``), see gptfl_ray/generate/<module>.py: glyphs (image_glyphs), espeak
+    (speech_espeak), diffusers (image_diffusers), speecht5 (speech_t5), audioldm (audio_ldm), remote."""
+
     generator: str = "glyphs"  # glyphs | espeak | diffusers | speecht5 | audioldm | remote
-    model_id: str | None = None  # hub id or local path
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    model_id: str | None = None  # hub id or local path; None = the generator's default
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: fp16 on GPU, fp32 on CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    batch_size: int = Field(16, gt=0)
+    batch_size: int = Field(16, gt=0)  # rows per generator call
     concurrency: int = Field(1, gt=0)  # actors in the generation pool
     num_gpus: float = Field(0.0, ge=0)  # per actor
-    num_cpus: float = Field(1.0, ge=0)  # per actor
-    rows_per_shard: int = Field(500, gt=0)
+    num_cpus: float = Field(1.0, ge=0)  # per actor (also sizes torch's thread pool in the actor)
+    rows_per_shard: int = Field(500, gt=0)  # rows per Parquet shard = the unit of resume
     options: dict[str, Any] = Field(default_factory=dict)  # generator-specific, validated by the generator
 
 

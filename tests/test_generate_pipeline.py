@@ -175,7 +175,12 @@ def test_interrupted_run_resumes_without_redoing_finished_shards(ray_session, tm
 
 def test_folder_of_another_config_is_refused(ray_session, tmp_path):
     out = tmp_path / "syn"
-    generate(mnist_cfg(), out, label_names=["0", "1"])
+    bad = mnist_cfg().model_copy(
+        update={"prompts": mnist_cfg().prompts.model_copy(update={"templates": ["a photo"]})}
+    )
+    with pytest.raises(ValueError, match="prompts.templates"):
+        generate(bad, out, label_names=["0", "1"])
+    generate(mnist_cfg(), out, label_names=["0", "1"])  # the failed attempt left nothing to protect
     with pytest.raises(ValueError, match="another config"):
         generate(mnist_cfg(rows_per_shard=5), out, label_names=["0", "1"])
 
@@ -233,3 +238,45 @@ def test_reader_errors_name_the_folder(tmp_path):
     )
     with pytest.raises(ValueError, match="holds audio data but data.dataset 'mnist' is image"):
         load_synthetic(tmp_path, cfg.data)
+
+
+def test_llm_expanded_prompts_and_fallbacks_flow_into_shards(ray_session, tmp_path):
+    """With an LLM expander (tiny random Llama), shards carry the expanded prompts, the manifest counts the
+    rows that fell back to their template, and the expanded table is kept so a rerun does not re-expand."""
+    from tests.tiny_models import build_tiny_causal_lm
+
+    model = build_tiny_causal_lm(tmp_path / "lm")
+    cfg = validate_config(
+        {
+            "data": {"dataset": "mnist"},
+            "prompts": {
+                "num_per_class": 6,
+                "expander": {
+                    "backend": "transformers",
+                    "model": str(model),
+                    "max_new_tokens": 12,
+                    "batch_size": 6,
+                },
+            },
+            "generate": {"generator": "glyphs", "rows_per_shard": 5, "batch_size": 4},
+        }
+    )
+    out = tmp_path / "syn"
+    manifest = generate(cfg, out, label_names=["7", "3"])
+    table = pq.read_table(sorted((out / "shards").glob("*.parquet")))
+    fallback = table["expansion_fallback"].to_pylist()
+    assert manifest["fallbacks"] == sum(fallback)
+    for prompt, fell_back, name in zip(
+        table["prompt"].to_pylist(), fallback, table["label_name"].to_pylist(), strict=True
+    ):
+        word = {"7": "seven", "3": "three"}[name]
+        if fell_back:
+            assert prompt == f"a photo of a {word}"
+        else:
+            assert word in prompt and prompt != f"a photo of a {word}"
+    prompts_before = pq.read_table(out / "prompts.parquet")["prompt"].to_pylist()
+    (out / "manifest.json").unlink()
+    for f in list((out / "shards").glob("*.parquet"))[:2]:
+        f.unlink()
+    assert generate(cfg, out, label_names=["7", "3"]) == manifest
+    assert pq.read_table(out / "prompts.parquet")["prompt"].to_pylist() == prompts_before

@@ -91,6 +91,11 @@ def load_pipeline(
         raise ConfigError(
             f"generate.model_id: {model_id}: not a diffusers pipeline folder (no model_index.json)"
         )
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()  # per-component loading bars, once per actor, in every log
+    transformers_logging.disable_progress_bar()
     kwargs: dict[str, Any] = {"dtype": dtype}
     if variant:
         kwargs["variant"] = variant

@@ -180,8 +180,12 @@ def _prompt_table(cfg: RunConfig, out_dir: Path, names: list[str], target: Targe
 def _expand(table: pa.Table, cfg: RunConfig) -> pa.Table:
     import ray
 
-    from gptfl_ray.prompts.expand import expand_prompts
+    from gptfl_ray.prompts.expand import FALLBACK_COLUMN, expand_prompts
 
+    if cfg.prompts.expander.backend == "templates":
+        # Identity expansion (what expand_prompts does for "templates"), without a Ray Data job's
+        # fixed start-up cost.
+        return table.append_column(FALLBACK_COLUMN, pa.array(np.zeros(table.num_rows, dtype=bool)))
     _ensure_ray(cfg)
     expanded = expand_prompts(ray.data.from_arrow(table), cfg.prompts.expander)
     parts = [t for t in ray.get(expanded.to_arrow_refs()) if t.num_rows]
@@ -192,7 +196,8 @@ def _expand(table: pa.Table, cfg: RunConfig) -> pa.Table:
 
 
 def _claim(out_dir: Path, cfg: RunConfig, chash: str, names: list[str]) -> None:
-    """Record what this folder holds; refuse to mix shards of another config into it."""
+    """Record what this folder holds; refuse to mix shards of another config into it (a claim with no
+    prompts or shards yet, e.g. left by a config error, is simply replaced)."""
     state = {
         "format": FORMAT_VERSION,
         "config_hash": chash,
@@ -201,7 +206,8 @@ def _claim(out_dir: Path, cfg: RunConfig, chash: str, names: list[str]) -> None:
         "rows_per_shard": cfg.generate.rows_per_shard,
     }
     path = out_dir / STATE
-    if path.is_file():
+    started = (out_dir / PROMPTS).is_file() or any((out_dir / SHARDS).glob("part-*.parquet"))
+    if path.is_file() and started:
         old = read_json(path)
         if old.get("config_hash") != chash or old.get("label_names") != names:
             raise ValueError(

@@ -88,6 +88,9 @@ class SpeechT5Generator(Generator):
 
 def load_pretrained(cls: Any, model_id: str, field: str, **kwargs: Any) -> Any:
     """``cls.from_pretrained`` by hub id or local folder; a failure is one line naming the config field."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # weight-loading bars, once per actor, in every log
     looks_local = model_id.startswith((".", "/", "~"))
     if looks_local and not Path(model_id).expanduser().is_dir():
         raise ConfigError(f"{field}: {model_id}: no such model folder")
