@@ -194,6 +194,8 @@ class Scaffold(FedAvg):
         return self.store.get(cid)
 
     def accept(self, cid: int, rnd: int, uploads: dict[str, torch.Tensor]) -> None:
+        # With fl.with_replacement a client can appear twice in a round: both Δc count towards c,
+        # its own c_i keeps the later one (each was computed from the same starting c_i).
         dc = uploads["delta_c"]
         old = self.store.get(cid)
         self.store.put(cid, rnd, {"c_i": dc.clone() if old is None else old["c_i"] + dc})
