@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,14 +53,15 @@ def test_run_writes_every_artifact(finished_run):
     for png in ("accuracy_vs_round.png", "accuracy_vs_mb.png", "grad_diversity.png"):
         assert (run_dir / "plots" / png).stat().st_size > 1000
     # the gptfl arm starts from the pretrained weights: its first evaluation beats the scratch arm's
-    first = {name: read_jsonl(run_dir / a["0"]["dir"] / "metrics.jsonl")[0]["accuracy"] for name, a in arms.items()}
+    first = {
+        name: read_jsonl(run_dir / a["0"]["dir"] / "metrics.jsonl")[0]["accuracy"] for name, a in arms.items()
+    }
     assert first["gptfl"] > first["fedavg-scratch"]
 
 
 def test_rerun_skips_finished_steps(finished_run, monkeypatch):
     import gptfl_ray.fl.runner
     import gptfl_ray.generate.pipeline
-
     import gptfl_ray.pretrain
     from gptfl_ray.run import run
 
@@ -81,11 +83,25 @@ def test_rerun_skips_finished_steps(finished_run, monkeypatch):
 def test_interrupted_run_resumes(tmp_path, data_dir):
     """Kill `gptfl run` once the first FL arm has checkpointed, then `--resume` finishes it."""
     run_dir = tmp_path / "interrupted"
-    env = {**os.environ, "GPTFL_DATA_DIR": str(data_dir), "RAY_TMPDIR": str(tmp_path)}
-    cmd = [sys.executable, "-m", "gptfl_ray.cli", "run", str(SMOKE), "--output", str(run_dir),
-           "--set", "fl.rounds=6"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    env = {
+        **os.environ,
+        "GPTFL_DATA_DIR": str(data_dir),
+        "RAY_TMPDIR": tempfile.mkdtemp(prefix="rt", dir="/tmp"),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "gptfl_ray.cli",
+        "run",
+        str(SMOKE),
+        "--output",
+        str(run_dir),
+        "--set",
+        "fl.rounds=6",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 400
     try:
         while time.time() < deadline and proc.poll() is None:
@@ -96,15 +112,34 @@ def test_interrupted_run_resumes(tmp_path, data_dir):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    (pre,) = run_dir.glob("pretrain-*-seed0")
+    pres = sorted(run_dir.glob("pretrain-*-seed0"))
+    assert len(pres) == 1, [p.name for p in pres]
+    pre = pres[0]
     pre_mtime = (pre / "weights.safetensors").stat().st_mtime_ns
     assert not (run_dir / "report.md").exists()
-    done = subprocess.run([sys.executable, "-m", "gptfl_ray.cli", "run", str(SMOKE), "--resume", str(run_dir),
-                           "--set", "fl.rounds=6"], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gptfl_ray.cli",
+            "run",
+            str(SMOKE),
+            "--resume",
+            str(run_dir),
+            "--set",
+            "fl.rounds=6",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert (run_dir / "report.md").is_file()
     assert (pre / "weights.safetensors").stat().st_mtime_ns == pre_mtime  # pretraining not redone
-    (arm,) = (run_dir / "fl").glob("gptfl-*")
+    arms = sorted((run_dir / "fl").glob("gptfl-*"))
+    assert len(arms) == 1, [a.name for a in arms]
+    arm = arms[0]
     rounds = [r["round"] for r in read_jsonl(arm / "metrics.jsonl") if r.get("accuracy") is not None]
     assert rounds == list(range(1, 7))
 
@@ -116,12 +151,20 @@ def test_pretraining_resumes_from_checkpoint(finished_run, tmp_path):
     cfg, run_dir, _ = finished_run
     synthetic = next(run_dir.glob("synthetic-*"))
     out = tmp_path / "pre"
-    first = pretrain(cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"epochs": 1})}),
-                     synthetic, out, seed=0)
+    first = pretrain(
+        cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"epochs": 1})}),
+        synthetic,
+        out,
+        seed=0,
+    )
     assert first["resumed_from_epoch"] == 0
     (out / "metrics.json").unlink()  # as if the process died after the epoch-0 checkpoint
     (out / "weights.safetensors").unlink()
-    second = pretrain(cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"epochs": 2})}),
-                      synthetic, out, seed=0)
+    second = pretrain(
+        cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"epochs": 2})}),
+        synthetic,
+        out,
+        seed=0,
+    )
     assert second["resumed_from_epoch"] == 1
     assert [h["epoch"] for h in second["history"]][-1] == 1

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -66,11 +67,26 @@ def test_tune_config_runs_in_smoke_mode(path, tmp_path, ray_session, data_dir, t
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning(tmp_path, data_dir):
     sweep_dir = tmp_path / "sweep"
-    env = {**os.environ, "GPTFL_DATA_DIR": str(data_dir), "RAY_TMPDIR": str(tmp_path)}
-    base = [sys.executable, "-m", "gptfl_ray.cli", "sweep", str(REPO / "tune_configs" / "quickstart.yaml"),
-            "--smoke", "--output", str(sweep_dir), "--set", "fl.rounds=4"]
-    proc = subprocess.Popen(base, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    env = {
+        **os.environ,
+        "GPTFL_DATA_DIR": str(data_dir),
+        "RAY_TMPDIR": tempfile.mkdtemp(prefix="rt", dir="/tmp"),
+    }
+    base = [
+        sys.executable,
+        "-m",
+        "gptfl_ray.cli",
+        "sweep",
+        str(REPO / "tune_configs" / "quickstart.yaml"),
+        "--smoke",
+        "--output",
+        str(sweep_dir),
+        "--set",
+        "fl.rounds=4",
+    ]
+    proc = subprocess.Popen(
+        base, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 400
     try:
         while time.time() < deadline and proc.poll() is None:
