@@ -11,8 +11,8 @@ samples; printed per generator:
 Targets: Ray with 1 actor >= 0.9× the plain loop, with 2 actors >= 1.7× (marginal). Not a timed test: run on
 an otherwise idle machine with at least 2 free cores.
 
-    python bench/generation_throughput.py [--generators glyphs diffusers] [--glyph-samples 4000]
-        [--diffusers-samples 64] [--steps 4] [--batch-size 16]
+    python bench/generation_throughput.py [--generators glyphs diffusers] [--glyph-samples 8000]
+        [--diffusers-samples 512] [--steps 4] [--batch-size 16]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from gptfl_ray.config import GenerateConfig, PromptsConfig
 from gptfl_ray.generate.base import Target
+from gptfl_ray.generate.pipeline import generation_dataset, input_blocks
 from gptfl_ray.generate.registry import get_generator
 from gptfl_ray.prompts.templates import build_prompt_table
 
@@ -69,20 +70,13 @@ def plain_loop(cfg: GenerateConfig, table: pa.Table) -> float:
 
 
 def ray_pipeline(cfg: GenerateConfig, table: pa.Table, actors: int) -> float:
-    """Wall seconds of from_arrow -> map_batches(generator, actor pool) -> streamed to the driver."""
-    import ray
-
-    block = cfg.batch_size * max(1, math.ceil(table.num_rows / (4 * actors * cfg.batch_size)))
-    blocks = [table.slice(s, block) for s in range(0, table.num_rows, block)]
+    """Wall seconds of the generation graph of ``gptfl generate`` (same input blocks, same actor pool),
+    streamed to the driver."""
+    cfg = cfg.model_copy(update={"concurrency": actors})
+    gen_cls = get_generator(cfg.generator)
     t0 = time.perf_counter()
-    ds = ray.data.from_arrow(blocks).map_batches(
-        get_generator(cfg.generator),
-        fn_constructor_kwargs={"cfg": cfg, "target": TARGET},
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=cfg.num_cpus,
-    )
+    blocks = input_blocks(table, {0: table.num_rows}, table.num_rows, cfg)
+    ds = generation_dataset(blocks, gen_cls, cfg, TARGET)
     rows = sum(b.num_rows for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"))
     assert rows == table.num_rows, (rows, table.num_rows)
     return time.perf_counter() - t0
@@ -98,7 +92,10 @@ def rates(seconds, table: pa.Table) -> tuple[float, float]:
 
 def run(name: str, cfg: GenerateConfig, samples: int) -> None:
     table = prompt_table(samples)
-    plain_loop(cfg, table.slice(0, 2 * cfg.batch_size))  # warm-up: imports, font screen, weight cache
+    # Warm-ups (untimed): imports, font screen and weight cache in this process; Ray's first worker
+    # processes (a cold cluster's first actor pool takes ~10 s longer than later ones).
+    plain_loop(cfg, table.slice(0, 2 * cfg.batch_size))
+    ray_pipeline(cfg, table.slice(0, 4 * cfg.batch_size), 2)
     plain = rates(lambda t: plain_loop(cfg, t), table)
     one = rates(lambda t: ray_pipeline(cfg, t, 1), table)
     two = rates(lambda t: ray_pipeline(cfg, t, 2), table)
@@ -114,8 +111,8 @@ def main() -> None:
     ap.add_argument(
         "--generators", nargs="+", default=["glyphs", "diffusers"], choices=["glyphs", "diffusers"]
     )
-    ap.add_argument("--glyph-samples", type=int, default=4000)
-    ap.add_argument("--diffusers-samples", type=int, default=64)
+    ap.add_argument("--glyph-samples", type=int, default=8000)
+    ap.add_argument("--diffusers-samples", type=int, default=512)
     ap.add_argument("--steps", type=int, default=4, help="diffusion steps")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument(

@@ -240,6 +240,7 @@ def test_reader_errors_name_the_folder(tmp_path):
         load_synthetic(tmp_path, cfg.data)
 
 
+@pytest.mark.slow
 def test_llm_expanded_prompts_and_fallbacks_flow_into_shards(ray_session, tmp_path):
     """With an LLM expander (tiny random Llama), shards carry the expanded prompts, the manifest counts the
     rows that fell back to their template, and the expanded table is kept so a rerun does not re-expand."""

@@ -138,9 +138,13 @@ def synthetic_ray_dataset(dir: str | Path, data_cfg: DataConfig) -> Any:
     kind = _check_task(dir, manifest, data_cfg)
     files = [str(f) for f in shard_files(dir, manifest)]
     rate = int(manifest["sample_rate"]) if kind == "audio" else None
-    return ray.data.read_parquet(files).select_columns([kind, "label"]).map_batches(
-        _featurize,
-        fn_kwargs={"data_cfg": data_cfg, "kind": kind, "source_rate": rate},
-        batch_format="pyarrow",
-        batch_size=256,
+    return (
+        ray.data.read_parquet(files)
+        .select_columns([kind, "label"])
+        .map_batches(
+            _featurize,
+            fn_kwargs={"data_cfg": data_cfg, "kind": kind, "source_rate": rate},
+            batch_format="pyarrow",
+            batch_size=256,
+        )
     )

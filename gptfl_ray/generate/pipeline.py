@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from gptfl_ray.config import RunConfig, config_hash
+from gptfl_ray.config import GenerateConfig, RunConfig, config_hash
 from gptfl_ray.data.base import get_spec
 from gptfl_ray.generate.base import Generator, Target
 from gptfl_ray.generate.registry import get_generator
@@ -90,7 +90,6 @@ def generate_command(args: Any) -> int:
         if getattr(args, "output", None)
         else Path(cfg.output_dir) / f"synthetic-{synthetic_hash(cfg)}"
     )
-    _ensure_ray(cfg)
     manifest = generate(cfg, out, label_names=names, data_dir=getattr(args, "data_dir", None))
     counts = ", ".join(
         f"{n}: {c}" for n, c in zip(manifest["label_names"], manifest["counts_per_class"], strict=True)
@@ -309,24 +308,33 @@ class ShardWriter:
             raise RuntimeError(f"generate: shards {missing} did not receive all their rows")
 
 
-def _generate_shards(
-    cfg: RunConfig, gen_cls: type[Generator], target: Target, table: pa.Table, todo: list[int], out_dir: Path
-) -> None:
-    import ray
+BLOCKS_PER_ACTOR = (
+    8  # input blocks per actor: enough to balance the pool, few enough to keep task overhead low
+)
 
-    g = cfg.generate
-    rps = g.rows_per_shard
-    sizes = {k: min(rps, table.num_rows - k * rps) for k in todo}
-    # Input blocks: batch-size multiples inside a shard, small enough that every actor gets work.
-    per_actor = math.ceil(sum(sizes.values()) / (4 * g.concurrency))
-    block = g.batch_size * max(1, min(rps // g.batch_size, math.ceil(per_actor / g.batch_size)))
-    blocks = [
-        table.slice(k * rps + start, min(block, sizes[k] - start))
-        for k in todo
+
+def input_blocks(
+    table: pa.Table, sizes: dict[int, int], rows_per_shard: int, g: GenerateConfig
+) -> list[pa.Table]:
+    """The rows of the scheduled shards cut into blocks: whole batches, never across a shard boundary."""
+    total = sum(sizes.values())
+    batches = math.ceil(total / (BLOCKS_PER_ACTOR * g.concurrency * g.batch_size))
+    block = g.batch_size * max(1, min(max(1, rows_per_shard // g.batch_size), batches))
+    return [
+        table.slice(k * rows_per_shard + start, min(block, sizes[k] - start))
+        for k in sorted(sizes)
         for start in range(0, sizes[k], block)
     ]
-    _ensure_ray(cfg)
-    ds = ray.data.from_arrow(blocks).map_batches(
+
+
+def generation_dataset(
+    blocks: list[pa.Table], gen_cls: type[Generator], g: GenerateConfig, target: Target
+) -> Any:
+    """The Ray Data graph: prompt rows -> ``gen_cls`` in a pool of ``g.concurrency`` actors (operator
+    ``MapBatches(<generator class>)``), each with ``g.num_cpus`` CPUs and ``g.num_gpus`` GPUs."""
+    import ray
+
+    return ray.data.from_arrow(blocks).map_batches(
         gen_cls,
         fn_constructor_kwargs={"cfg": g, "target": target},
         batch_size=g.batch_size,
@@ -335,6 +343,16 @@ def _generate_shards(
         num_cpus=g.num_cpus,
         num_gpus=g.num_gpus or None,
     )
+
+
+def _generate_shards(
+    cfg: RunConfig, gen_cls: type[Generator], target: Target, table: pa.Table, todo: list[int], out_dir: Path
+) -> None:
+    g = cfg.generate
+    rps = g.rows_per_shard
+    sizes = {k: min(rps, table.num_rows - k * rps) for k in todo}
+    _ensure_ray(cfg)
+    ds = generation_dataset(input_blocks(table, sizes, rps, g), gen_cls, g, target)
     metadata = {"gptfl.generator": g.generator, "gptfl.kind": target.kind}
     if target.sample_rate:
         metadata["gptfl.sample_rate"] = str(target.sample_rate)
