@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -144,6 +145,7 @@ def main() -> None:
         )
         run(f"diffusers ({model_id}, {args.steps} steps)", cfg, args.diffusers_samples)
     ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
