@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gptfl {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"gptfl {args.command}: interrupted (rerun with --resume to continue)", file=sys.stderr)
+        hint = "rerun with --resume RUN_DIR" if args.command in ("run", "federate") else "rerun the same command"
+        print(f"gptfl {args.command}: interrupted ({hint} to continue; finished work is kept)", file=sys.stderr)
         return 130
 
 

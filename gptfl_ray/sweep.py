@@ -154,6 +154,8 @@ def _smoke_grid(grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
 
 def grid_points(sweep: SweepConfig, run: RunConfig) -> list[dict[str, Any]]:
     """Every grid point as {"arm", "seed", "init", "run" (validated config JSON)}."""
+    from gptfl_ray.fl.runner import check_fl_config
+
     keys = list(sweep.grid)
     points = []
     for combo in itertools.product(*(sweep.grid[k] for k in keys)):
@@ -164,6 +166,7 @@ def grid_points(sweep: SweepConfig, run: RunConfig) -> list[dict[str, Any]]:
             raise ConfigError(f"grid.init: must be 'random' or 'pretrained' (got {init!r})")
         raw = apply_overrides(run.model_dump(mode="json"), [_kv(k, v) for k, v in values.items()])
         cfg = validate_config(raw, f"grid point {values}")
+        check_fl_config(cfg)  # strategy names and their parameters, before anything starts
         arm = ",".join([f"init={init}"] + [f"{_short(k)}={_label(v)}" for k, v in values.items()])
         points.append({"arm": arm, "seed": seed, "init": init, "run": cfg.model_dump(mode="json")})
     return points

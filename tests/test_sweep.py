@@ -23,8 +23,12 @@ RUN_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
 def test_run_configs_validate(path):
+    from gptfl_ray.fl.runner import check_fl_config
+    from gptfl_ray.generate.registry import get_generator
+
     cfg = load_config(path)
-    assert cfg.name
+    get_generator(cfg.generate.generator).parse_options(cfg.generate.options)  # generator options too
+    check_fl_config(cfg)  # strategy name + parameters
 
 
 @pytest.mark.parametrize("path", TUNE_CONFIGS, ids=lambda p: p.name)
