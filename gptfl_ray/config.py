@@ -255,8 +255,21 @@ class FLConfig(Section):
     # A client whose actor dies mid-round is re-dispatched this many times (0 = aggregate the survivors).
     client_retries: int = Field(1, ge=0)
     max_actor_replacements: int = Field(8, ge=0)  # dead actors replaced per run before the run fails
-    max_update_norm: float | None = Field(None, gt=0)  # L2 bound; larger updates are rejected
+    # L2 bound; larger updates are rejected (with secure_aggregation: the client clips its update to it).
+    max_update_norm: float | None = Field(None, gt=0)
+    # Secure aggregation (Bonawitz et al. 2017) of FedAvg-family updates, see gptfl_ray/fl/secure.py: the server
+    # learns only Σ[w·Δ, w]; grad_diversity is null; SCAFFOLD is not supported.
     secure_aggregation: bool = False
+    # Fraction of the round's SecAgg participants (rounded up, at least 2) that must survive every stage;
+    # fewer: the round is skipped (no partial sum is ever revealed).
+    secagg_threshold: float = Field(0.6, gt=0, le=1)
+    # Z_2^32 (4 bytes per value on the wire, like float32) or Z_2^64 (8 bytes, finer fixed point).
+    secagg_ring_bits: Literal[32, 64] = 32
+    # Per-coordinate bound of a client's update before fixed-point encoding (larger values are clipped and
+    # counted in the round's secagg.clipped_fraction): trainable parameters, and float buffers (BatchNorm).
+    secagg_clip: float = Field(1.0, gt=0)
+    secagg_buffer_clip: float = Field(100.0, gt=0)
+    secagg_timeout_s: float | None = Field(None, gt=0)  # per-stage deadline; actors that miss it drop out
     target_accuracy: float | None = Field(None, gt=0, le=1)
     # "federated": FL rounds; "isolated": the paper's client-isolated fine-tuning control.
     mode: Literal["federated", "isolated"] = "federated"

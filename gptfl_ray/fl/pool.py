@@ -51,6 +51,7 @@ class Outcome:
     task: Task
     value: Any = None
     error: str | None = None  # set when the task's actors died more than ``retries`` + 1 times
+    actor: Any = None  # handle of the actor that produced ``value`` (it may keep state for the task)
 
 
 class ClientPool:
@@ -134,7 +135,36 @@ class ClientPool:
                         yield Outcome(task, error=f"actor died ({type(err).__name__})")
                     continue
                 idle.append(slot)
-                yield Outcome(task, value)
+                yield Outcome(task, value, actor=self.actors[slot])
+
+    def replace_dead(self, timeout_s: float | None = None) -> list[int]:
+        """Ping every actor; replace those that died outside :meth:`run` (e.g. during secure aggregation)
+        or do not answer within ``timeout_s``. Returns the replaced slots."""
+        refs = [a.info.remote() for a in self.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        replaced = []
+        for slot, ref in enumerate(refs):
+            error: BaseException | None = TimeoutError(f"no answer within {timeout_s} s")
+            if ref in ready:
+                try:
+                    ray.get(ref)
+                    error = None
+                except ACTOR_FAILURES as err:
+                    error = err
+            if error is None:
+                continue
+            self.on_event(
+                {
+                    "event": "actor_died",
+                    "slot": slot,
+                    "client": None,
+                    "task": "ping",
+                    "error": type(error).__name__,
+                }
+            )
+            self._replace(slot, error)
+            replaced.append(slot)
+        return replaced
 
     def call_all(self, method: str, *args: Any) -> list[Any]:
         return ray.get([getattr(a, method).remote(*args) for a in self.actors])

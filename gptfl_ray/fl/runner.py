@@ -54,6 +54,7 @@ RESUMABLE_FL_FIELDS = {
     "client_retries",
     "max_actor_replacements",
     "target_accuracy",
+    "secagg_timeout_s",
 }
 
 
@@ -94,6 +95,10 @@ def run_federated(
     model = build_model(cfg.model.name, data.num_classes, data.input_shape, width=cfg.model.width)
     if init_weights:
         _load_init(model, Path(init_weights), cfg)
+    if cfg.fl.secure_aggregation and cfg.fl.mode == "federated":
+        from gptfl_ray.fl.secure import secure_client_class
+
+        client_cls = secure_client_class(client_cls)
     workers = LazyPool(cfg, data, out_dir, client_cls)
     try:
         if cfg.fl.mode == "isolated":
@@ -241,12 +246,12 @@ def _run_rounds(
 # ------------------------------------------------------------------------------------------ helpers
 def check_fl_config(cfg: RunConfig) -> Strategy:
     """Fail fast on FL settings that cannot run; returns the (validated) strategy."""
+    strategy = build_strategy(cfg.fl.strategy)
     if cfg.fl.secure_aggregation:
-        raise ConfigError(
-            "fl.secure_aggregation: not available yet in the FL runtime (set it to false; the label-collection "
-            "step already uses secure aggregation)"
-        )
-    return build_strategy(cfg.fl.strategy)
+        from gptfl_ray.fl.secure import check_secure_config
+
+        check_secure_config(cfg.fl, strategy)
+    return strategy
 
 
 def _log_round(rec: dict[str, Any], rounds: int) -> None:

@@ -4,6 +4,10 @@ Client shards are put into Ray's object store once per run and the global weight
 carry only references. Updates are validated when they arrive and folded into the round's sums in
 *sampled* order (a small reorder buffer holds early finishers), so the aggregate is bit-identical however
 the actors interleave — which is what makes re-dispatch and resume exact.
+
+How the round's results become the mean update is one replaceable object per round: :class:`PlainAggregation`
+(float32 updates, validated on the server) or ``gptfl_ray.fl.secure.SecureAggregation`` (SecAgg: the server
+learns only the sum), chosen by ``fl.secure_aggregation``.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import itertools
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -70,6 +75,80 @@ class InOrderFold:
         self.strategy.accept(cid, self.rnd, {k: from_shared(a) for k, a in v["uploads"].items()})
 
 
+@dataclass
+class RoundSum:
+    """What an aggregation hands back to the round loop."""
+
+    count: int  # client updates in the sum
+    mean: torch.Tensor | None  # Σ w·Δ / Σ w (None: nothing to apply)
+    train_loss: float | None  # sample-weighted mean local training loss
+    grad_diversity: float | None  # None where individual updates are not seen
+    params_up: int  # values uploaded by clients
+    bytes_up: int
+    bytes_down: int = 0  # aggregation traffic to clients beyond the weights broadcast
+    skip_reason: str | None = None  # the aggregation itself failed: skip the round
+    record: dict[str, Any] = field(default_factory=dict)  # extra fields for the round's metrics line
+
+
+class PlainAggregation:
+    """Clients return float32 updates; each is validated on arrival and folded in (sampled order).
+
+    One instance per round. The round loop dispatches ``method`` with ``task_args(...)``, reports every
+    result to ``receive`` (returns a rejection reason or None) or ``lost``, then calls ``finish``.
+    """
+
+    method = "train"  # FLClient method run per sampled client
+
+    def __init__(self, server: FederatedServer, rnd: int, sampled: list[int], size: int):
+        self.max_norm = server.fl.max_update_norm
+        self.size, self.uploads = size, server.strategy.upload_sizes()
+        self.fold = InOrderFold(server.strategy, rnd, size)
+        self.received = 0
+
+    def task_args(self, slot: int, args: tuple) -> tuple:
+        return args
+
+    def lost(self, slot: int) -> None:
+        self.fold.offer(slot, None)
+
+    def receive(self, slot: int, cid: int, value: dict[str, Any], actor: Any) -> str | None:
+        self.received += 1
+        reason = self._check(value)
+        self.fold.offer(slot, None if reason else (cid, value))
+        return reason
+
+    def finish(self) -> RoundSum:
+        fold, up = self.fold, self.size + sum(self.uploads.values())
+        return RoundSum(
+            count=fold.total.count,
+            mean=fold.total.mean(),
+            train_loss=fold.loss_sum / fold.loss_n if fold.loss_n else None,
+            grad_diversity=fold.diversity.value(),
+            params_up=self.received * up,
+            bytes_up=self.received * up * BYTES_PER_VALUE,
+        )
+
+    def _check(self, value: dict[str, Any]) -> str | None:
+        reason, _ = check_vector(from_shared(value["delta"]), self.size, self.max_norm)
+        if reason:
+            return f"update: {reason}"
+        for name, n in self.uploads.items():
+            if name not in value["uploads"]:
+                return f"{name}: missing"
+            reason, _ = check_vector(from_shared(value["uploads"][name]), n)
+            if reason:
+                return f"{name}: {reason}"
+        return None
+
+
+def aggregation_for(fl: FLConfig) -> type[PlainAggregation]:
+    if fl.secure_aggregation:
+        from gptfl_ray.fl.secure import SecureAggregation  # imports the SecAgg protocol (cryptography)
+
+        return SecureAggregation
+    return PlainAggregation
+
+
 class FederatedServer:
     def __init__(
         self,
@@ -88,6 +167,7 @@ class FederatedServer:
         self.on_event = on_event
         self.num_clients = data.num_clients
         self.sizes = data.client_sizes()
+        self.aggregation = aggregation_for(fl)
         self.shards = [ray.put((x.numpy(), y.numpy())) for x, y in data.clients]
         # The test set in one slice per actor: evaluation runs data-parallel over the pool.
         tx, ty = data.test
@@ -116,46 +196,46 @@ class FederatedServer:
         x_ref = ray.put(x.numpy())
         broadcast = {k: v.numpy() for k, v in strategy.broadcast().items()}
         broadcast_ref = ray.put(broadcast) if broadcast else None
+        size = x.numel()
+        agg = self.aggregation(self, rnd, sampled, size)
         tasks = [
             Task(
                 key=i,
-                method="train",
-                args=(
-                    x_ref,
-                    self.shards[cid],
-                    broadcast_ref,
-                    strategy.client_state(cid),
-                    task_seed(self.seed, rnd, cid, i),
+                method=agg.method,
+                args=agg.task_args(
+                    i,
+                    (
+                        x_ref,
+                        self.shards[cid],
+                        broadcast_ref,
+                        strategy.client_state(cid),
+                        task_seed(self.seed, rnd, cid, i),
+                    ),
                 ),
                 client=cid,
             )
             for i, cid in enumerate(sampled)
         ]
-        size, uploads = x.numel(), strategy.upload_sizes()
-        fold = InOrderFold(strategy, rnd, size)
         rejected: list[int] = []
         lost: list[int] = []
-        received, client_s = 0, 0.0
+        client_s = 0.0
         for out in self.pool.run(tasks, retries=fl.client_retries):
             cid = out.task.client
             if out.error:
                 lost.append(cid)
-                fold.offer(out.task.key, None)
+                agg.lost(out.task.key)
                 continue
-            received += 1
             client_s += out.value["seconds"]
-            reason = self._check(out.value, size, uploads)
+            reason = agg.receive(out.task.key, cid, out.value, out.actor)
             if reason:
                 rejected.append(cid)
                 self.on_event({"event": "update_rejected", "round": rnd, "client": cid, "reason": reason})
-            fold.offer(out.task.key, None if reason else (cid, out.value))
-        total = fold.total
+        total = agg.finish()
 
         needed = math.ceil(fl.min_clients_fraction * len(sampled))
-        mean = total.mean()
-        applied = total.count >= needed and mean is not None
+        applied = total.skip_reason is None and total.count >= needed and total.mean is not None
         if applied:
-            x = strategy.server_update(x, mean)
+            x = strategy.server_update(x, total.mean)
         else:
             self.on_event(
                 {
@@ -163,14 +243,13 @@ class FederatedServer:
                     "round": rnd,
                     "accepted": total.count,
                     "needed": needed,
-                    "reason": "too few valid updates (fl.min_clients_fraction)",
+                    "reason": total.skip_reason or "too few valid updates (fl.min_clients_fraction)",
                 }
             )
         strategy.end_round(applied)
 
         dispatches = sum(t.dispatches for t in tasks)
         down = size + sum(int(np.prod(a.shape)) for a in broadcast.values())
-        up = size + sum(uploads.values())
         failed = sorted({t.client for t in tasks if t.dispatches > 1} | set(lost))
         record = {
             "round": rnd,
@@ -180,27 +259,16 @@ class FederatedServer:
             "failed_clients": failed,
             "lost_clients": sorted(lost),
             "skipped": not applied,
-            "train_loss": fold.loss_sum / fold.loss_n if fold.loss_n else None,
-            "grad_diversity": fold.diversity.value(),
+            "train_loss": total.train_loss,
+            "grad_diversity": total.grad_diversity,
             "client_time_s": client_s,  # summed local-training time of the received updates
             "params_down": dispatches * down,
-            "params_up": received * up,
-            "bytes_down": dispatches * down * BYTES_PER_VALUE,
-            "bytes_up": received * up * BYTES_PER_VALUE,
+            "params_up": total.params_up,
+            "bytes_down": dispatches * down * BYTES_PER_VALUE + total.bytes_down,
+            "bytes_up": total.bytes_up,
+            **total.record,
         }
         return x, record
-
-    def _check(self, value: dict[str, Any], size: int, uploads: dict[str, int]) -> str | None:
-        reason, _ = check_vector(from_shared(value["delta"]), size, self.fl.max_update_norm)
-        if reason:
-            return f"update: {reason}"
-        for name, n in uploads.items():
-            if name not in value["uploads"]:
-                return f"{name}: missing"
-            reason, _ = check_vector(from_shared(value["uploads"][name]), n)
-            if reason:
-                return f"{name}: {reason}"
-        return None
 
     # ---------------------------------------------------------------------------------- evaluation
     def evaluate(self, x: torch.Tensor) -> dict[str, Any]:
