@@ -23,7 +23,7 @@ from torch import nn
 
 from gptfl_ray.config import RunConfig, config_hash
 from gptfl_ray.data.base import get_spec
-from gptfl_ray.io import atomic_write_json, load_weights, read_json, save_weights
+from gptfl_ray.io import atomic_write_json, read_json, save_weights
 from gptfl_ray.models import build_model
 from gptfl_ray.training import evaluate, make_optimizer
 
@@ -301,18 +301,6 @@ def pretrain(
     return metrics
 
 
-def load_pretrained(path: Path, model: nn.Module) -> nn.Module:
-    """Load pretraining weights into ``model`` with a clear error if they do not match."""
-    state = load_weights(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: weights do not match the model (missing {list(missing)[:3]}, "
-            f"unexpected {list(unexpected)[:3]})"
-        )
-    return model
-
-
 def real_test_tensors(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The real test set as model tensors, or None when the dataset is not available."""
     from gptfl_ray.data import load_dataset
@@ -328,20 +316,14 @@ def real_test_tensors(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor] | Non
 
 
 def pretrain_command(args) -> int:
-    import ray
+    from gptfl_ray.ray_env import ray_for
 
     cfg: RunConfig = args.cfg
     synthetic = Path(args.synthetic)
     seed = cfg.seeds[0]
     out = Path(args.output) if args.output else cfg.output_dir / f"pretrain-{pretrain_key(cfg, '', seed)}"
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=cfg.ray_address, configure_logging=False)
-    try:
+    with ray_for(cfg.ray_address, announce=True):
         metrics = pretrain(cfg, synthetic, out, seed=seed, test=real_test_tensors(cfg))
-    finally:
-        if started:
-            ray.shutdown()
     print(f"weights: {out / 'weights.safetensors'}")
     print(
         f"synthetic val accuracy {metrics['final_val_accuracy']:.4f}"
@@ -354,4 +336,4 @@ def pretrain_command(args) -> int:
     return 0
 
 
-__all__ = ["Augment", "load_pretrained", "pretrain", "pretrain_command", "pretrain_key", "real_test_tensors"]
+__all__ = ["Augment", "fit", "pretrain", "pretrain_command", "pretrain_key", "real_test_tensors"]

@@ -164,8 +164,7 @@ def new_run_dir(cfg: RunConfig, output: str | None) -> Path:
 
 
 def run_command(args) -> int:
-    import ray
-
+    from gptfl_ray.ray_env import ray_for
     from gptfl_ray.report import print_summary_table
 
     cfg: RunConfig = args.cfg
@@ -178,17 +177,9 @@ def run_command(args) -> int:
         cfg = load_config(saved, args.overrides)
     else:
         run_dir = new_run_dir(cfg, args.output)
-    started = not ray.is_initialized()
-    if started:
-        ctx = ray.init(address=cfg.ray_address, configure_logging=False)
-        url = getattr(ctx, "dashboard_url", None)
-        print(f"Ray dashboard: http://{url}" if url else "Ray dashboard: not running", flush=True)
-    print(f"run folder: {run_dir}", flush=True)
-    try:
+    with ray_for(cfg.ray_address, announce=True):
+        print(f"run folder: {run_dir}", flush=True)
         out = run(cfg, run_dir)
-    finally:
-        if started:
-            ray.shutdown()
     print_summary_table(out["results"], run_dir)
     print(f"report: {out['report']}")
     return 0

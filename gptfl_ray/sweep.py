@@ -329,23 +329,14 @@ def default_sweep_dir(sweep_cfg: SweepConfig, run: RunConfig, smoke: bool) -> Pa
 
 
 def sweep_command(args) -> int:
-    import ray
-
+    from gptfl_ray.ray_env import ray_for
     from gptfl_ray.report import print_summary_table
 
     sweep_cfg, run = load_sweep(args.config, args.overrides, smoke=args.smoke)
     sweep_dir = Path(args.output) if args.output else default_sweep_dir(sweep_cfg, run, args.smoke)
-    started = not ray.is_initialized()
-    if started:
-        ctx = ray.init(address=run.ray_address, configure_logging=False)
-        url = getattr(ctx, "dashboard_url", None)
-        print(f"Ray dashboard: http://{url}" if url else "Ray dashboard: not running", flush=True)
-    print(f"sweep folder: {sweep_dir}", flush=True)
-    try:
+    with ray_for(run.ray_address, announce=True):
+        print(f"sweep folder: {sweep_dir}", flush=True)
         out = sweep(sweep_cfg, run, sweep_dir, resume=args.resume)
-    finally:
-        if started:
-            ray.shutdown()
     print_summary_table(out["results"], sweep_dir)
     for e in out["errors"]:
         print(f"failed trial: {e}")

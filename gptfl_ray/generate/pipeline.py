@@ -29,6 +29,7 @@ from gptfl_ray.data.base import get_spec
 from gptfl_ray.generate.base import Generator, Target
 from gptfl_ray.generate.registry import get_generator
 from gptfl_ray.io import atomic_path, atomic_write_json, read_json
+from gptfl_ray.ray_env import ensure_ray, ray_for
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,8 @@ def generate_command(args: Any) -> int:
         if getattr(args, "output", None)
         else Path(cfg.output_dir) / f"synthetic-{synthetic_hash(cfg)}"
     )
-    manifest = generate(cfg, out, label_names=names, data_dir=getattr(args, "data_dir", None))
+    with ray_for(cfg.ray_address, announce=True):
+        manifest = generate(cfg, out, label_names=names, data_dir=getattr(args, "data_dir", None))
     counts = ", ".join(
         f"{n}: {c}" for n, c in zip(manifest["label_names"], manifest["counts_per_class"], strict=True)
     )
@@ -168,7 +170,7 @@ def _prompt_table(cfg: RunConfig, out_dir: Path, names: list[str], target: Targe
         label_text=label_text,
         class_counts=_class_counts(cfg, names, data_dir),
     )
-    table = _expand(table, cfg)
+    table = _expand(table, cfg, target.modality)
     table = table.sort_by([("label", "ascending"), ("index", "ascending")])
     table = table.append_column("row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
     with atomic_path(path) as tmp:
@@ -176,16 +178,22 @@ def _prompt_table(cfg: RunConfig, out_dir: Path, names: list[str], target: Targe
     return table
 
 
-def _expand(table: pa.Table, cfg: RunConfig) -> pa.Table:
+def _expand(table: pa.Table, cfg: RunConfig, modality: str) -> pa.Table:
     import ray
 
+    from gptfl_ray.config import ConfigError
     from gptfl_ray.prompts.expand import FALLBACK_COLUMN, expand_prompts
 
+    if modality == "speech" and cfg.prompts.expander.backend != "templates":
+        raise ConfigError(
+            "prompts.expander.backend: speech generators speak the label text itself; LLM expansion "
+            "applies to image and audio prompts (use backend: templates)"
+        )
     if cfg.prompts.expander.backend == "templates":
         # Identity expansion (what expand_prompts does for "templates"), without a Ray Data job's
         # fixed start-up cost.
         return table.append_column(FALLBACK_COLUMN, pa.array(np.zeros(table.num_rows, dtype=bool)))
-    _ensure_ray(cfg)
+    ensure_ray(cfg.ray_address)
     expanded = expand_prompts(ray.data.from_arrow(table), cfg.prompts.expander)
     parts = [t for t in ray.get(expanded.to_arrow_refs()) if t.num_rows]
     out = pa.concat_tables(parts, promote_options="default")
@@ -351,7 +359,7 @@ def _generate_shards(
     g = cfg.generate
     rps = g.rows_per_shard
     sizes = {k: min(rps, table.num_rows - k * rps) for k in todo}
-    _ensure_ray(cfg)
+    ensure_ray(cfg.ray_address)
     ds = generation_dataset(input_blocks(table, sizes, rps, g), gen_cls, g, target)
     metadata = {"gptfl.generator": g.generator, "gptfl.kind": target.kind}
     if target.sample_rate:
@@ -405,10 +413,3 @@ def _manifest(
         manifest.update(sample_rate=target.sample_rate)
     manifest["complete"] = True
     return manifest
-
-
-def _ensure_ray(cfg: RunConfig) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address, configure_logging=False)

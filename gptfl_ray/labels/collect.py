@@ -24,6 +24,7 @@ from gptfl_ray.labels.iblt import IBLT, IBLTDecodeError
 from gptfl_ray.labels.secagg_ray import SecAggHost, secure_sum
 from gptfl_ray.paths import ENV_VAR
 from gptfl_ray.paths import data_dir as resolve_data_dir
+from gptfl_ray.ray_env import ensure_ray
 
 log = logging.getLogger(__name__)
 SESSION = "labels"
@@ -58,16 +59,6 @@ class LabelClientHost(SecAggHost):
 
 def secagg_threshold(fraction: float, num_clients: int) -> int:
     return max(1, math.ceil(fraction * num_clients))
-
-
-def _ensure_ray(cfg: RunConfig) -> bool:
-    """Start (or connect to) Ray if needed; True when this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    ray.init(address=cfg.ray_address, configure_logging=False, log_to_driver=False)
-    return True
 
 
 def _start_hosts(
@@ -115,7 +106,7 @@ def collect_labels(
     if cfg.data.root is None:
         data_dir = str(resolve_data_dir(data_dir))  # fail here, in one line, when no data dir is known
     iblt = IBLT(lc.iblt_capacity, lc.iblt_repetitions, seed=seed, max_label_bytes=lc.iblt_max_label_bytes)
-    started = _ensure_ray(cfg)
+    started = ensure_ray(cfg.ray_address) is not None
     hosts: list[Any] = []
     try:
         hosts, clients = _start_hosts(cfg, seed, str(data_dir) if data_dir else None, iblt)
