@@ -252,6 +252,7 @@ def pretrain(
     ``test`` (real test tensors) adds the synthetic-only centralized accuracy, the paper's "synthetic only" number.
     """
     from gptfl_ray.data.features import input_shape
+    from gptfl_ray.data.registry import label_names as dataset_label_names
     from gptfl_ray.data.synthetic import read_manifest, synthetic_ray_dataset
 
     out_dir = Path(out_dir).resolve()
@@ -261,7 +262,7 @@ def pretrain(
         return read_json(done)
     manifest = read_manifest(synthetic_dir)
     shape = input_shape(cfg.data.dataset, cfg.data.audio)
-    num_classes = len(manifest["label_names"])
+    num_classes = len(dataset_label_names(cfg.data, cfg.data_dir))  # the reader maps labels to these classes
 
     ds = synthetic_ray_dataset(synthetic_dir, cfg.data).materialize()
     datasets = {"train": ds}

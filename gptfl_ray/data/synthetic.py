@@ -54,6 +54,30 @@ def _check_task(dir: str | Path, manifest: dict[str, Any], data_cfg: DataConfig)
     return kind
 
 
+def class_index(manifest: dict[str, Any], data_cfg: DataConfig) -> np.ndarray:
+    """Map the folder's label index -> the real dataset's class index, by label name.
+
+    A collected label union may lack classes (or order them differently); the downstream model's classes are the
+    dataset's, so synthetic labels are re-indexed by name. Without the dataset's names (unknown dataset files),
+    the folder's own order is kept.
+    """
+    from gptfl_ray.data.registry import label_names
+    from gptfl_ray.paths import DataNotFoundError
+
+    names = list(manifest["label_names"])
+    try:
+        classes = label_names(data_cfg)
+    except DataNotFoundError:
+        return np.arange(len(names), dtype=np.int64)
+    where = {n: i for i, n in enumerate(classes)}
+    unknown = [n for n in names if n not in where]
+    if unknown:
+        raise ValueError(
+            f"synthetic labels {unknown[:5]} are not classes of data.dataset {data_cfg.dataset!r}"
+        )
+    return np.array([where[n] for n in names], dtype=np.int64)
+
+
 def decode_images(pngs: list[bytes], size: int, channels: int) -> np.ndarray:
     """PNG bytes -> uint8 (N, size, size) or (N, size, size, 3); resized (Lanczos) if stored at another size."""
     from PIL import Image
@@ -88,16 +112,20 @@ def load_synthetic(dir: str | Path, data_cfg: DataConfig) -> ArrayDataset:
     kind = _check_task(dir, manifest, data_cfg)
     files = shard_files(dir, manifest)
     table = pa.concat_tables([pq.read_table(f, columns=[kind, "label"]) for f in files])
-    y = table["label"].to_numpy().astype(np.int64)
+    classes = class_index(manifest, data_cfg)
+    y = classes[table["label"].to_numpy()]
+    names = [""] * (int(classes.max()) + 1 if len(classes) else 0)
+    for name, c in zip(manifest["label_names"], classes, strict=True):
+        names[c] = name
     if kind == "image":
         spec = get_spec(data_cfg.dataset)
         x = decode_images(table["image"].to_pylist(), spec.image_size, spec.channels)
-        return ArrayDataset(x=x, y=y, label_names=list(manifest["label_names"]), modality="image")
+        return ArrayDataset(x=x, y=y, label_names=names, modality="image")
     x = standardize_waves(_audio_lists(table["audio"]), int(manifest["sample_rate"]), data_cfg)
     return ArrayDataset(
         x=x,
         y=y,
-        label_names=list(manifest["label_names"]),
+        label_names=names,
         modality="audio",
         sample_rate=data_cfg.audio.sample_rate,
     )
@@ -113,11 +141,13 @@ def _audio_lists(column: Any) -> list[np.ndarray]:
     return out
 
 
-def _featurize(batch: Any, data_cfg: DataConfig, kind: str, source_rate: int | None) -> dict[str, np.ndarray]:
+def _featurize(
+    batch: Any, data_cfg: DataConfig, kind: str, source_rate: int | None, classes: np.ndarray
+) -> dict[str, np.ndarray]:
     """Ray Data batch function: stored samples -> ``x`` model inputs (same feature code as real data), ``y``."""
     from gptfl_ray.data.features import audio_tensor, image_tensor
 
-    y = batch["label"].to_numpy().astype(np.int64)
+    y = classes[batch["label"].to_numpy()]
     if kind == "image":
         spec = get_spec(data_cfg.dataset)
         raw = decode_images(batch["image"].to_pylist(), spec.image_size, spec.channels)
@@ -143,7 +173,12 @@ def synthetic_ray_dataset(dir: str | Path, data_cfg: DataConfig) -> Any:
         .select_columns([kind, "label"])
         .map_batches(
             _featurize,
-            fn_kwargs={"data_cfg": data_cfg, "kind": kind, "source_rate": rate},
+            fn_kwargs={
+                "data_cfg": data_cfg,
+                "kind": kind,
+                "source_rate": rate,
+                "classes": class_index(manifest, data_cfg),
+            },
             batch_format="pyarrow",
             batch_size=256,
         )
