@@ -52,7 +52,10 @@ def collect(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
         rows.append(
             {
                 "arm": arm,
-                "final_accuracy": mean_std([s.get("final_accuracy") for s in summaries]),
+                # client-isolated runs (fl.mode: isolated) report the mean over their fine-tuned clients
+                "final_accuracy": mean_std(
+                    [s.get("final_accuracy", s.get("isolated_mean_accuracy")) for s in summaries]
+                ),
                 "best_accuracy": mean_std([s.get("best_accuracy") for s in summaries]),
                 "rounds_to_target": [s.get("rounds_to_target") for s in summaries],
                 "mb_to_target": [s.get("mb_to_target") for s in summaries],
