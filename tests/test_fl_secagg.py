@@ -103,6 +103,8 @@ def test_codec_clips_coordinates_and_norm_and_refuses_nan():
             codec.encode(bad, 1.0, 1, 0.5)
     with pytest.raises(ValueError, match="non-finite"):
         codec.encode(u, 1.0, 1, float("nan"))
+    with pytest.raises(ValueError, match="outside the round's bounds"):
+        codec.encode(u, 501.0, 1, 0.5)  # above the public weight bound the scales assume: could wrap
 
 
 def test_codec_vectors_through_secagg_with_a_dropout():
@@ -330,6 +332,7 @@ def test_dropout_below_threshold_skips_round(ray_session, small_data, tmp_path):
     )
     rec = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
     assert rec["skipped"] and rec["num_updates"] == 0 and s["skipped_rounds"] == [1]
+    assert rec["secagg"]["included"] == 0 and rec["secagg"]["threshold"] == 10
     skipped = [e for e in read_jsonl(tmp_path / "run" / "events.jsonl") if e["event"] == "round_skipped"]
     assert len(skipped) == 1 and "secure aggregation aborted" in skipped[0]["reason"]
     w0, w1 = load_weights(init), load_weights(tmp_path / "run" / "final.safetensors")
@@ -396,7 +399,10 @@ def test_secure_resume_equals_uninterrupted(ray_session, small_data, tmp_path):
 )
 def test_strategy_server_update_on_secure_mean(ray_session, small_data, tmp_path, strategy):
     """One round from the same init and seeds: the clients' updates are identical in both arms, so the
-    weights differ only by how the mean was formed (float32 sum vs exact ring sum + fixed point)."""
+    weights differ only by how the mean was formed (float32 sum vs exact ring sum + fixed point).
+
+    Measured (seed 0): max |difference| 7e-9 to 3e-8 for all six, while the round moved the weights by
+    1e-3 (FedAdagrad) to 7e-2 (FedAvg); asserted: below 1e-6."""
     plain = small_cfg(strategy=strategy, rounds=1, secure_aggregation=False, num_actors=1)
     sec = small_cfg(strategy=strategy, rounds=1, num_actors=1)
     run_federated(plain, seed=0, out_dir=tmp_path / "plain", data=small_data)

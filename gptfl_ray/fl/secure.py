@@ -108,6 +108,8 @@ class UpdateCodec:
     clip: float
     buffer_clip: float
     max_norm: float | None
+    max_weight: float  # public bounds the scales assume; a client beyond them is refused, never wrapped
+    max_samples: int
     scales: tuple[float, ...]  # params, buffers, then one per TAIL entry
 
     @classmethod
@@ -141,6 +143,8 @@ class UpdateCodec:
             clip=clip,
             buffer_clip=buffer_clip,
             max_norm=fl.max_update_norm,
+            max_weight=max_weight,
+            max_samples=max_samples,
             scales=tuple(fixed_point_scale(ring, participants * b) for b in bounds),
         )
 
@@ -163,6 +167,11 @@ class UpdateCodec:
             raise ValueError(f"update has shape {d.shape}, expected ({self.size},)")
         if not (np.isfinite(d).all() and math.isfinite(loss)):
             raise ValueError("non-finite values (NaN/Inf)")
+        if not (0 <= weight <= self.max_weight and 0 <= num_samples <= self.max_samples):
+            raise ValueError(
+                f"weight {weight:g} / {num_samples} samples outside the round's bounds "
+                f"[0, {self.max_weight:g}] / [0, {self.max_samples}]"
+            )
         norm_clipped = 0.0
         if self.max_norm is not None:
             norm = float(np.linalg.norm(d))
@@ -335,7 +344,7 @@ class SecureAggregation:
                 timeout_s=fl.secagg_timeout_s,
             )
         except SecAggError as err:
-            info["seconds"] = time.perf_counter() - t0
+            info.update(seconds=time.perf_counter() - t0, included=0)
             self._replace_dead()
             empty.skip_reason = f"secure aggregation: {err}"
             return empty
