@@ -39,7 +39,9 @@ class AudioConfig(Section):
 
 
 class DataConfig(Section):
-    dataset: Literal["mnist", "fsdd", "speech_commands", "esc50", "cifar10", "cifar100", "flowers102"] = "mnist"
+    dataset: Literal["mnist", "fsdd", "speech_commands", "esc50", "cifar10", "cifar100", "flowers102"] = (
+        "mnist"
+    )
     root: Path | None = None  # dataset root; default: <data dir>/<dataset>
     # Held-out test set. "official" uses the dataset's own split; "holdout" carves num_test samples
     # out of the available pool (MNIST here ships only its 10k test set).
@@ -274,7 +276,9 @@ class FLConfig(Section):
     # "federated": FL rounds; "isolated": the paper's client-isolated fine-tuning control.
     mode: Literal["federated", "isolated"] = "federated"
     isolated_clients: int = Field(10, gt=0)
-    isolated_epochs: int | None = Field(None, gt=0)  # local epochs of the isolated control (None: local.epochs)
+    isolated_epochs: int | None = Field(
+        None, gt=0
+    )  # local epochs of the isolated control (None: local.epochs)
 
 
 class BaselineConfig(Section):

@@ -15,6 +15,8 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +183,20 @@ def _all_reduce(values: list[float]) -> list[float]:
 
 
 # ------------------------------------------------------------------------------------------ driver
+@contextmanager
+def quiet_data_progress() -> Iterator[None]:
+    """Datasets created inside run without Ray Data progress bars (each Dataset keeps its creation context)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.enable_progress_bars, ctx.print_on_execution_start
+    ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars, ctx.print_on_execution_start = saved
+
+
 def pretrain_key(cfg: RunConfig, synthetic_hash: str, seed: int) -> str:
     """Config hash identifying a pretraining output (synthetic data + model + recipe + seed)."""
     return config_hash(synthetic_hash, cfg.model, cfg.pretrain, cfg.data.audio, seed)
@@ -264,11 +280,14 @@ def pretrain(
     shape = input_shape(cfg.data.dataset, cfg.data.audio)
     num_classes = len(dataset_label_names(cfg.data, cfg.data_dir))  # the reader maps labels to these classes
 
-    ds = synthetic_ray_dataset(synthetic_dir, cfg.data).materialize()
-    datasets = {"train": ds}
-    if cfg.pretrain.val_fraction > 0:
-        train_ds, val_ds = ds.train_test_split(test_size=cfg.pretrain.val_fraction, shuffle=True, seed=seed)
-        datasets = {"train": train_ds.materialize(), "val": val_ds.materialize()}
+    with quiet_data_progress():  # one line per epoch from the workers, not a progress bar per shard iterator
+        ds = synthetic_ray_dataset(synthetic_dir, cfg.data).materialize()
+        datasets = {"train": ds}
+        if cfg.pretrain.val_fraction > 0:
+            train_ds, val_ds = ds.train_test_split(
+                test_size=cfg.pretrain.val_fraction, shuffle=True, seed=seed
+            )
+            datasets = {"train": train_ds.materialize(), "val": val_ds.materialize()}
     state, result, wall = fit(cfg, datasets, num_classes, shape, out_dir, seed=seed)
     num_train = datasets["train"].count()
     history = (
@@ -302,8 +321,8 @@ def pretrain(
     return metrics
 
 
-def real_test_tensors(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The real test set as model tensors, or None when the dataset is not available."""
+def real_test_tensors(cfg: RunConfig, required: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The real test set as model tensors; None when the dataset is missing, unless ``required``."""
     from gptfl_ray.data import load_dataset
     from gptfl_ray.data.features import to_tensors
     from gptfl_ray.paths import DataNotFoundError
@@ -311,6 +330,8 @@ def real_test_tensors(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor] | Non
     try:
         splits = load_dataset(cfg.data, cfg.data_dir)
     except DataNotFoundError as err:
+        if required:
+            raise
         log.warning("no real test set for the synthetic-only accuracy: %s", err)
         return None
     return to_tensors(splits.test, cfg.data.dataset, cfg.data.audio)

@@ -58,7 +58,10 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ steps
 def synthetic_key(cfg: RunConfig, label_names: list[str] | None) -> str:
-    return config_hash(cfg.data.dataset, cfg.labels, cfg.prompts, cfg.generate, label_names)
+    """The generation config (as the pipeline hashes it) plus the label list it is given."""
+    from gptfl_ray.generate.pipeline import synthetic_hash
+
+    return config_hash(synthetic_hash(cfg), label_names)
 
 
 def step_labels(cfg: RunConfig, run_dir: Path) -> list[str] | None:
@@ -125,9 +128,9 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     t0 = time.perf_counter()
+    test = real_test_tensors(cfg, required=True)  # the real data must exist before hours of generation
     label_names = step_labels(cfg, run_dir)
     synthetic = step_generate(cfg, run_dir, label_names)
-    test = real_test_tensors(cfg)
     results: dict[str, Any] = {
         "name": cfg.name,
         "seeds": cfg.seeds,

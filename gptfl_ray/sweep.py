@@ -190,8 +190,8 @@ def _slug(text: str) -> str:
 # ------------------------------------------------------------------------------------------ shared inputs
 def build_shared(points: list[dict[str, Any]], shared: Path) -> None:
     """Synthetic data per distinct generation config and pretrained weights per (config, seed) — once each."""
-    from gptfl_ray.pretrain import real_test_tensors
-    from gptfl_ray.run import step_generate, step_labels, step_pretrain
+    from gptfl_ray.pretrain import pretrain_key, real_test_tensors
+    from gptfl_ray.run import step_generate, step_labels, step_pretrain, synthetic_key
 
     synthetic_dirs: dict[str, Path] = {}
     pretrained: dict[str, tuple[Path, dict]] = {}
@@ -200,14 +200,14 @@ def build_shared(points: list[dict[str, Any]], shared: Path) -> None:
         if p["init"] != "pretrained":
             continue
         cfg = RunConfig.model_validate(p["run"])
+        dkey = config_hash(cfg.data)
+        if dkey not in tests:  # real data first: fail before any generation if it is missing
+            tests[dkey] = real_test_tensors(cfg, required=True)
         labels = step_labels(cfg, shared)
-        gkey = config_hash(cfg.data.dataset, cfg.labels, cfg.prompts, cfg.generate, labels)
+        gkey = synthetic_key(cfg, labels)
         if gkey not in synthetic_dirs:
             synthetic_dirs[gkey] = step_generate(cfg, shared, labels)
-        dkey = config_hash(cfg.data)
-        if dkey not in tests:
-            tests[dkey] = real_test_tensors(cfg)
-        pkey = config_hash(gkey, cfg.model, cfg.pretrain, cfg.data.audio, p["seed"])
+        pkey = pretrain_key(cfg, synthetic_dirs[gkey].name, p["seed"])
         if pkey not in pretrained:
             pretrained[pkey] = step_pretrain(cfg, shared, synthetic_dirs[gkey], p["seed"], tests[dkey])
         weights, metrics = pretrained[pkey]

@@ -371,4 +371,4 @@ def test_cli_errors_are_one_line(data_dir, tmp_path, capsys):
     assert main(["federate", str(cfg), "--resume", str(tmp_path / "nowhere")]) == 2
     assert "not an FL run folder" in capsys.readouterr().err
     assert main(["federate", str(write_cfg(tmp_path, secure_aggregation=True))]) == 2
-    assert "not available yet" in capsys.readouterr().err
+    assert "fl.secure_aggregation" in capsys.readouterr().err
