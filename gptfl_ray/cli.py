@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="restore the sweep and run only unfinished trials")
     p.add_argument("--smoke", action="store_true", help="tiny substitute sizes on the offline datasets")
     p.add_argument("--output", metavar="DIR", help="sweep folder")
+    p.add_argument(
+        "--shared",
+        metavar="DIR",
+        help="folder of shared inputs (synthetic data, pretrained weights), "
+        "reusable across sweeps (default: <sweep folder>/shared)",
+    )
 
     p = sub.add_parser("submit", help=COMMANDS["submit"][2])
     _add_common(p)
@@ -105,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
+        force=True,  # bind to the current stderr even if an earlier call (or library) configured logging
     )
     if getattr(args, "data_dir", None):
         os.environ["GPTFL_DATA_DIR"] = args.data_dir
@@ -121,8 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gptfl {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = "rerun with --resume RUN_DIR" if args.command in ("run", "federate") else "rerun the same command"
-        print(f"gptfl {args.command}: interrupted ({hint} to continue; finished work is kept)", file=sys.stderr)
+        hint = (
+            "rerun with --resume RUN_DIR" if args.command in ("run", "federate") else "rerun the same command"
+        )
+        print(
+            f"gptfl {args.command}: interrupted ({hint} to continue; finished work is kept)", file=sys.stderr
+        )
         return 130
 
 

@@ -56,46 +56,27 @@ class SweepConfig(Section):
     description: str = ""
 
 
-# Tiny substitutes that make any sweep run in seconds on the offline datasets (`--smoke`).
+# Tiny substitutes that make any sweep run in seconds on the offline datasets (`--smoke`). Whole sections
+# (prompts, generate, pretrain) are replaced, so every smoke sweep of a modality shares one synthetic dataset and
+# one pretraining (built once in the shared folder); the grid and the FL settings stay the config's own.
 SMOKE_IMAGE = {
-    "data.dataset": "mnist",
-    "data.test_split": "holdout",
-    "data.num_test": 300,
-    "data.num_train": 600,
-    "data.root": None,
-    "generate.generator": "glyphs",
-    "generate.model_id": None,
-    "generate.options": {},
-    "model.name": "convnet",
-    "model.width": 8,
+    "data": {"dataset": "mnist", "test_split": "holdout", "num_test": 300, "num_train": 600},
+    "generate": {"generator": "glyphs", "batch_size": 40, "rows_per_shard": 80},
+    "model": {"name": "convnet", "width": 8},
     "partition.method": "dirichlet",
 }
 SMOKE_AUDIO = {
-    "data.dataset": "fsdd",
-    "data.test_split": "official",
-    "data.num_test": 200,
-    "data.num_train": 600,
-    "data.root": None,
-    "generate.generator": "espeak",
-    "generate.model_id": None,
-    "generate.options": {},
-    "model.name": "audio_cnn",
+    "data": {"dataset": "fsdd", "test_split": "official", "num_test": 200, "num_train": 600},
+    "generate": {"generator": "espeak", "batch_size": 40, "rows_per_shard": 80},
+    "model": {"name": "audio_cnn"},
     "partition.method": "natural",
     "partition.sub_splits": 1,
 }
 SMOKE_COMMON = {
     "partition.num_clients": 6,
     "partition.min_size": 1,
-    "prompts.num_per_class": 8,
-    "prompts.scale": None,
-    "prompts.expander.backend": "templates",
-    "generate.batch_size": 40,
-    "generate.concurrency": 1,
-    "generate.num_gpus": 0,
-    "generate.rows_per_shard": 80,
-    "pretrain.epochs": 1,
-    "pretrain.use_gpu": False,
-    "pretrain.num_workers": 1,
+    "prompts": {"num_per_class": 8},
+    "pretrain": {"epochs": 1, "batch_size": 32},
     "fl.rounds": 2,
     "fl.clients_per_round": 3,
     "fl.num_actors": 1,
@@ -336,7 +317,7 @@ def sweep_command(args) -> int:
     sweep_dir = Path(args.output) if args.output else default_sweep_dir(sweep_cfg, run, args.smoke)
     with ray_for(run.ray_address, announce=True):
         print(f"sweep folder: {sweep_dir}", flush=True)
-        out = sweep(sweep_cfg, run, sweep_dir, resume=args.resume)
+        out = sweep(sweep_cfg, run, sweep_dir, resume=args.resume, shared_dir=args.shared)
     print_summary_table(out["results"], sweep_dir)
     for e in out["errors"]:
         print(f"failed trial: {e}")

@@ -69,7 +69,7 @@ def test_tune_config_runs_in_smoke_mode(path, tmp_path, ray_session, data_dir, t
 
 
 @pytest.mark.slow
-def test_interrupted_sweep_resumes_without_rerunning(tmp_path, data_dir):
+def test_interrupted_sweep_resumes_without_rerunning(tmp_path, data_dir, tmp_path_factory):
     sweep_dir = tmp_path / "sweep"
     env = {
         **os.environ,
@@ -85,6 +85,8 @@ def test_interrupted_sweep_resumes_without_rerunning(tmp_path, data_dir):
         "--smoke",
         "--output",
         str(sweep_dir),
+        "--shared",  # the smoke tests above already built the synthetic data and weights
+        str(tmp_path_factory.getbasetemp() / "sweep-shared"),
         "--set",
         "fl.rounds=4",
     ]
