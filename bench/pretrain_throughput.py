@@ -6,7 +6,7 @@ and augmentation; measured in the same run. Prints samples/s for each and the ra
   e2e     = samples × epochs / wall time of the whole call, including Ray Train's worker start-up.
 Not a timed test: run it on an otherwise idle machine.
 
-    python bench/pretrain_throughput.py [--samples 8000] [--epochs 3] [--width 64]
+    python bench/pretrain_throughput.py [--samples 8000] [--epochs 3] [--width 64] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -60,6 +60,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument(
+        "--repeats", type=int, default=2, help="interleaved repetitions; the best of each is kept"
+    )
     args = ap.parse_args()
 
     import ray
@@ -75,29 +78,35 @@ def main() -> None:
     print(
         f"workload: {args.samples} samples × {args.epochs} epochs, ConvNet width {args.width}, batch {args.batch_size}"
     )
-    results = {}
-    for threads in (1, 2):
-        cfg = RunConfig.model_validate(base)
-        steady, wall = plain_loop(cfg, torch.from_numpy(x), torch.from_numpy(y), threads)
-        results[f"plain loop, {threads} thread(s)"] = (steady, args.samples * args.epochs / wall)
-
+    # Ray runs for the whole benchmark, so its background processes weigh on both sides alike; the modes are
+    # interleaved and repeated and each keeps its best repetition (this box is shared and noisy).
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    results: dict[str, tuple[float, float]] = {}
+
+    def keep(name: str, steady: float, e2e: float) -> None:
+        old = results.get(name, (0.0, 0.0))
+        results[name] = (max(old[0], steady), max(old[1], e2e))
+
     try:
         ds = (
             ray.data.from_numpy(x)
             .rename_columns({"data": "x"})
             .zip(ray.data.from_numpy(y).rename_columns({"data": "y"}))
-        )
-        ds = ds.materialize()
-        for cpus in (1, 2):
-            cfg = RunConfig.model_validate(
-                {**base, "pretrain": {**base["pretrain"], "cpus_per_worker": cpus}}
-            )
-            with tempfile.TemporaryDirectory() as d:
-                _, result, wall = fit(cfg, {"train": ds}, 10, (1, 28, 28), Path(d), seed=0)
-            hist = result.metrics_dataframe
-            steady = float(hist["train_samples"].sum() / hist["train_time_s"].sum())
-            results[f"Ray Train, 1 worker × {cpus} CPU"] = (steady, args.samples * args.epochs / wall)
+        ).materialize()
+        for _ in range(args.repeats):
+            for threads in (1, 2):
+                cfg = RunConfig.model_validate(base)
+                steady, wall = plain_loop(cfg, torch.from_numpy(x), torch.from_numpy(y), threads)
+                keep(f"plain loop, {threads} thread(s)", steady, args.samples * args.epochs / wall)
+            for cpus in (1, 2):
+                cfg = RunConfig.model_validate(
+                    {**base, "pretrain": {**base["pretrain"], "cpus_per_worker": cpus}}
+                )
+                with tempfile.TemporaryDirectory() as d:
+                    _, result, wall = fit(cfg, {"train": ds}, 10, (1, 28, 28), Path(d), seed=0)
+                hist = result.metrics_dataframe
+                steady = float(hist["train_samples"].sum() / hist["train_time_s"].sum())
+                keep(f"Ray Train, 1 worker × {cpus} CPU", steady, args.samples * args.epochs / wall)
     finally:
         ray.shutdown()
 

@@ -105,7 +105,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     augment = Augment(config["modality"], config["flip"]) if pcfg.augment else nn.Identity()
     loss_fn = nn.CrossEntropyLoss()
     train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
     device = ray.train.torch.get_device()
     for epoch in range(start_epoch, pcfg.epochs):
         model.train()
@@ -228,6 +228,7 @@ def fit(
         "modality": get_spec(cfg.data.dataset).modality,
         "flip": cfg.data.dataset in FLIP_OK,
         "shuffle_buffer": min(num_train, 10_000),
+        "has_val": "val" in datasets,
     }
     trainer = TorchTrainer(
         _train_loop,

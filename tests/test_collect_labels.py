@@ -10,6 +10,7 @@ from gptfl_ray.config import validate_config
 from gptfl_ray.data import load_dataset
 from gptfl_ray.data.partition import partition
 from gptfl_ray.labels.collect import _ordered, collect_labels, secagg_threshold
+from tests.cli_output import error_lines
 
 
 def make_cfg(tmp_path, **overrides):
@@ -88,8 +89,8 @@ def test_cli_capacity_too_small_is_one_line_error(ray_session, data_dir, tmp_pat
         )
     )
     assert cli_main(["collect-labels", str(cfg_file)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
+    err = capsys.readouterr().err
+    assert len(error_lines(err)) == 1
     assert "10 distinct labels exceed the table capacity 5 (raise labels.iblt_capacity)" in err
     assert not (tmp_path / "labels.json").exists()
 

@@ -4,6 +4,7 @@ import pytest
 
 from gptfl_ray.cli import main
 from gptfl_ray.config import ConfigError, config_hash, load_config
+from tests.cli_output import error_lines
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -57,5 +58,5 @@ def test_config_hash_tracks_content(tmp_path):
 def test_cli_reports_one_line_error(tmp_path, capsys):
     p = write(tmp_path, "fl:\n  rouds: 3\n")
     assert main(["federate", str(p)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and "fl.rouds: unknown key" in err[0]

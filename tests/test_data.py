@@ -98,7 +98,11 @@ def test_esc50_layout(tmp_path):
     from gptfl_ray.data.esc50 import load_esc50
 
     root = tmp_path / "esc50"
-    rows = [("1-100-A-0.wav", 1, 0, "dog"), ("5-200-A-1.wav", 5, 1, "chirping_birds"), ("2-300-B-0.wav", 2, 0, "dog")]
+    rows = [
+        ("1-100-A-0.wav", 1, 0, "dog"),
+        ("5-200-A-1.wav", 5, 1, "chirping_birds"),
+        ("2-300-B-0.wav", 2, 0, "dog"),
+    ]
     lines = ["filename,fold,target,category,esc10,src_file,take"]
     for name, fold, target, cat in rows:
         _tone(root / "audio" / name, sr=44_100, freq=300 + 100 * target, dur=5.0)

@@ -17,6 +17,7 @@ from gptfl_ray.fl.pool import actor_namespace
 from gptfl_ray.fl.runner import prepare_federated_data, run_federated
 from gptfl_ray.io import load_weights, read_json, read_jsonl, save_weights
 from gptfl_ray.models import build_model
+from tests.cli_output import error_lines
 
 ROUND_KEYS = {
     "round",
@@ -367,7 +368,7 @@ def test_cli_errors_are_one_line(data_dir, tmp_path, capsys):
     cfg = write_cfg(tmp_path)
     assert main(["federate", str(cfg), "--init", str(wrong), "--output", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
-    assert str(wrong) in err and "shape" in err and len(err.strip().splitlines()) == 1
+    assert str(wrong) in err and "shape" in err and len(error_lines(err)) == 1
     assert main(["federate", str(cfg), "--resume", str(tmp_path / "nowhere")]) == 2
     assert "not an FL run folder" in capsys.readouterr().err
     assert main(["federate", str(write_cfg(tmp_path, secure_aggregation=True))]) == 2

@@ -26,6 +26,7 @@ from gptfl_ray.io import load_weights, read_jsonl, save_weights
 from gptfl_ray.labels.ring import Ring
 from gptfl_ray.labels.secagg import SecAggServer, secure_sum_local
 from gptfl_ray.models import build_model
+from tests.cli_output import error_lines
 
 LOCAL = {"epochs": 1, "batch_size": 32, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}}
 
@@ -169,7 +170,7 @@ def test_cli_rejects_scaffold_in_one_line(tmp_path, capsys):
     path.write_text(yaml.safe_dump(raw))
     assert main(["federate", str(path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "fl.secure_aggregation" in err and "scaffold" in err and len(err.splitlines()) == 1
+    assert "fl.secure_aggregation" in err and "scaffold" in err and len(error_lines(err)) == 1
 
 
 # ------------------------------------------------------------------------------------------ Ray runs

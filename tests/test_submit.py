@@ -45,6 +45,7 @@ from gptfl_ray.submit import (
     submit_command,
     upload_excludes,
 )
+from tests.cli_output import error_lines
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -161,7 +162,7 @@ def test_unreachable_address_is_one_line_error_naming_it(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("name: c\n")
     assert cli.main(["submit", str(config), "--address", address]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and address in err[0] and err[0].startswith("gptfl submit: error:")
 
 
