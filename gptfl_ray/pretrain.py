@@ -125,7 +125,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             if sched is not None:
                 sched.step()
             seen += len(y)
-            loss_sum += float(loss) * len(y)
+            loss_sum += loss.item() * len(y)
         train_time = time.perf_counter() - t0
         metrics = {
             "epoch": epoch,
