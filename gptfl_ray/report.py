@@ -149,8 +149,8 @@ def write_report(run_dir: Path, results: dict[str, Any]) -> Path:
     lines = [
         f"# GPT-FL run: {results.get('name', run_dir.name)}",
         "",
-        f"Seeds: {results.get('seeds')}. Target accuracy: {f'{100 * target:.0f}%' if target else 'none'}. "
-        f"Wall time: {results.get('wall_time_s', float('nan')):.0f} s.",
+        f"Seeds: {results.get('seeds')}. Target accuracy: {f'{100 * target:.0f}%' if target else 'none'}."
+        + (f" Wall time: {results['wall_time_s']:.0f} s." if "wall_time_s" in results else ""),
         "",
         *table_lines(data, target),
         "",

@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # ray.job_submission pulls in requests/aiohttp: imported only
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+AGENT_WAIT_S = 120  # how long a submission waits for a just-started head's job agent
 # Where the config file sits inside the job's working dir (and so on the cluster, relative to the job's cwd).
 CONFIG_DIR_IN_JOB = ".gptfl-submit"
 # Top-level entries of the checkout that never travel (gitignored paths are skipped by Ray as well).
@@ -290,15 +291,23 @@ def submit(client: JobSubmissionClient, job: JobRequest) -> str:
             "excludes": job.excludes,
             "env_vars": job.env_vars,
         }
-        try:
-            return client.submit_job(
-                entrypoint=job.entrypoint,
-                submission_id=job.submission_id,
-                runtime_env=runtime_env,
-                metadata=job.metadata,
-            )
-        except (RuntimeEnvSetupError, RuntimeError, ValueError) as err:
-            raise UserError(f"job submission failed: {_first_line(err)}") from None
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                return client.submit_job(
+                    entrypoint=job.entrypoint,
+                    submission_id=job.submission_id,
+                    runtime_env=runtime_env,
+                    metadata=job.metadata,
+                )
+            except (RuntimeEnvSetupError, RuntimeError, ValueError) as err:
+                # A head that has just started answers HTTP before its job agent registers ("No available
+                # agent to submit job"): wait for it, as a freshly created KubeRay cluster needs.
+                if "No available agent" in str(err) and time.monotonic() < deadline:
+                    log.info("the cluster's job agent is not up yet; retrying in 2 s")
+                    time.sleep(2)
+                    continue
+                raise UserError(f"job submission failed: {_first_line(err)}") from None
 
 
 def follow(client: JobSubmissionClient, submission_id: str, out: TextIO = sys.stdout) -> int:

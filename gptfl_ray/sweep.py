@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -251,6 +252,7 @@ def sweep(
 
     from gptfl_ray.report import write_report
 
+    started = time.perf_counter()
     sweep_dir = Path(sweep_dir).resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     points = grid_points(sweep_cfg, run)
@@ -293,6 +295,7 @@ def sweep(
         "synthetic_only": {},
         "target_accuracy": run.fl.target_accuracy,
         "errors": errors,
+        "wall_time_s": time.perf_counter() - started,  # this invocation's (a --resume counts its own part)
     }
     for p in points:
         if p.get("synthetic_only") is not None:
