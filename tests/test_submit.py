@@ -192,8 +192,11 @@ def test_sweep_submission_validates_the_sweep_before_connecting(tmp_path):
 
 # ----------------------------------------------------------------------------- a private Ray head
 @pytest.fixture(scope="module")
-def ray_head() -> Iterator[tuple[str, str]]:
-    """(dashboard URL, auth token) of a Ray head started for this module and stopped after it."""
+def ray_head(tmp_path_factory) -> Iterator[tuple[str, str]]:
+    """(dashboard URL, auth token) of a Ray head started for this module and stopped after it.
+
+    Its logs are kept in pytest's base temp dir (``ray-head-logs``) for diagnosing a head that died.
+    """
     tmp = Path(tempfile.mkdtemp(prefix="rsub", dir="/tmp"))  # short: Ray's socket paths have a length limit
     token = secrets.token_hex(32)
     ports = {
@@ -237,6 +240,12 @@ def ray_head() -> Iterator[tuple[str, str]]:
         yield url, token
     finally:
         _stop_process_group(head)
+        keep = tmp_path_factory.getbasetemp() / "ray-head-logs"
+        try:
+            shutil.copytree(tmp / "session_latest" / "logs", keep, dirs_exist_ok=True)
+            shutil.copy(log_path, keep / "ray-start.log")
+        except OSError:  # the head never got as far as writing logs: nothing to keep
+            pass
         shutil.rmtree(tmp, ignore_errors=True)
 
 
