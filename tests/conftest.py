@@ -23,6 +23,13 @@ def _data_dir() -> Path | None:
 DATA_DIR = _data_dir()
 if DATA_DIR is not None:
     os.environ["GPTFL_DATA_DIR"] = str(DATA_DIR)
+# Decoded audio is cached for this session only (subprocesses and Ray workers inherit it), never in ~/.cache.
+CACHE_DIR = tempfile.mkdtemp(prefix="gptfl-cache-")
+os.environ["GPTFL_CACHE_DIR"] = CACHE_DIR
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(CACHE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +54,7 @@ def ray_session():
         _temp_dir=tmp,
         log_to_driver=False,
         configure_logging=False,
-        runtime_env={"env_vars": {"GPTFL_DATA_DIR": os.environ.get("GPTFL_DATA_DIR", "")}},
+        runtime_env={"env_vars": {k: os.environ.get(k, "") for k in ("GPTFL_DATA_DIR", "GPTFL_CACHE_DIR")}},
     )
     yield ray
     ray.shutdown()

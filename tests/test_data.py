@@ -113,3 +113,42 @@ def test_esc50_layout(tmp_path):
     assert splits.train.label_names == ["dog", "chirping birds"]
     assert len(splits.train) == 2 and splits.test.y.tolist() == [1]
     assert splits.test.x.shape == (1, 16_000)
+
+
+def test_decoded_clips_are_cached_and_invalidated(tmp_path, monkeypatch, caplog):
+    from gptfl_ray.data.audio import load_clips, read_wav, standardize_clip
+
+    monkeypatch.setenv("GPTFL_CACHE_DIR", str(tmp_path / "cache"))
+    files = [tmp_path / "wav" / f"{i}.wav" for i in range(4)]
+    for i, f in enumerate(files):
+        _tone(f, sr=8_000, freq=300 + 100 * i, dur=0.3 + 0.2 * i)
+    cfg = AudioConfig(clip_seconds=0.5)
+    first = load_clips(files, cfg)
+    expected = np.stack([standardize_clip(*read_wav(f), 16_000, 0.5) for f in files])
+    np.testing.assert_array_equal(first, expected)
+    (cached,) = (tmp_path / "cache" / "clips").glob("*.npy")
+
+    again = load_clips(files, cfg)  # served from the cache: same values, the file is not rewritten
+    np.testing.assert_array_equal(again, expected)
+    assert list((tmp_path / "cache" / "clips").glob("*.npy")) == [cached]
+
+    _tone(files[0], sr=8_000, freq=900, dur=0.3)  # an edited file is decoded again
+    edited = load_clips(files, cfg)
+    assert not np.array_equal(edited[0], expected[0]) and np.array_equal(edited[1:], expected[1:])
+    (edited_entry,) = set((tmp_path / "cache" / "clips").glob("*.npy")) - {cached}
+    assert load_clips(files, AudioConfig(clip_seconds=0.25)).shape == (4, 4_000)  # new settings, new entry
+    assert len(list((tmp_path / "cache" / "clips").glob("*.npy"))) == 3
+
+    edited_entry.write_bytes(b"not an npy file")  # a damaged entry is decoded again and replaced
+    with caplog.at_level("WARNING", logger="gptfl_ray.data.audio"):
+        np.testing.assert_array_equal(load_clips(files, cfg), edited)
+    assert "unreadable clip cache" in caplog.text
+    np.testing.assert_array_equal(np.load(edited_entry), edited)
+
+
+def test_missing_audio_file_names_it(tmp_path, monkeypatch):
+    from gptfl_ray.data.audio import load_clips
+
+    monkeypatch.setenv("GPTFL_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(DataNotFoundError, match=r"gone\.wav: audio file missing"):
+        load_clips([tmp_path / "gone.wav"], AudioConfig())

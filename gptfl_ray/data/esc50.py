@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from gptfl_ray.config import AudioConfig
-from gptfl_ray.data.audio import read_wav, standardize_clip
+from gptfl_ray.data.audio import load_clips
 from gptfl_ray.data.base import ArrayDataset, Splits, get_spec
 from gptfl_ray.paths import DataNotFoundError
 
@@ -32,17 +32,7 @@ def load_esc50(root: Path, audio: AudioConfig) -> Splits:
         raise ValueError(f"{meta}: expected columns filename, fold, target, category")
     names: dict[int, str] = {int(r["target"]): r["category"].replace("_", " ") for r in rows}
     label_names = [names[i] for i in sorted(names)]
-    x = np.stack(
-        [
-            standardize_clip(
-                *read_wav(root / "audio" / r["filename"]),
-                audio.sample_rate,
-                audio.clip_seconds,
-                audio.trim_silence,
-            )
-            for r in rows
-        ]
-    )
+    x = load_clips([root / "audio" / r["filename"] for r in rows], audio)
     full = ArrayDataset(
         x=x,
         y=np.array([int(r["target"]) for r in rows], dtype=np.int64),

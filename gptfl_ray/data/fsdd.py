@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from gptfl_ray.config import AudioConfig
-from gptfl_ray.data.audio import read_wav, standardize_clip
+from gptfl_ray.data.audio import load_clips
 from gptfl_ray.data.base import ArrayDataset, Splits, get_spec
 from gptfl_ray.paths import DataNotFoundError
 
@@ -31,12 +31,7 @@ def load_fsdd(root: Path, audio: AudioConfig) -> Splits:
         parsed.append((f, int(m.group(1)), m.group(2), int(m.group(3))))
     speakers = sorted({p[2] for p in parsed})
     spk_id = {s: i for i, s in enumerate(speakers)}
-    x = np.stack(
-        [
-            standardize_clip(*read_wav(f), audio.sample_rate, audio.clip_seconds, audio.trim_silence)
-            for f, *_ in parsed
-        ]
-    )
+    x = load_clips([p[0] for p in parsed], audio)
     y = np.array([p[1] for p in parsed], dtype=np.int64)
     groups = np.array([spk_id[p[2]] for p in parsed], dtype=np.int64)
     is_test = np.array([p[3] <= 4 for p in parsed])

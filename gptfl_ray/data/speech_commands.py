@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from gptfl_ray.config import AudioConfig
-from gptfl_ray.data.audio import read_wav, standardize_clip
+from gptfl_ray.data.audio import load_clips
 from gptfl_ray.data.base import ArrayDataset, Splits, get_spec
 from gptfl_ray.paths import DataNotFoundError
 
@@ -48,14 +48,7 @@ def load_speech_commands(root: Path, audio: AudioConfig) -> Splits:
     sid = {s: i for i, s in enumerate(speakers)}
     test_list = root / "testing_list.txt"
     test = set(test_list.read_text().split()) if test_list.is_file() else set()
-    x = np.stack(
-        [
-            standardize_clip(
-                *read_wav(root / c[0]), audio.sample_rate, audio.clip_seconds, audio.trim_silence
-            )
-            for c in clips
-        ]
-    )
+    x = load_clips([root / c[0] for c in clips], audio)
     full = ArrayDataset(
         x=x,
         y=np.array([wid[c[1]] for c in clips], dtype=np.int64),
