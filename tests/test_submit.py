@@ -51,10 +51,22 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(taken: set[int] | frozenset[int] = frozenset()) -> int:
+    """A free port in 20000-32767: above Ray's worker ports (10002-19999) and below Linux's ephemeral range
+    (32768+), so no other process's outgoing connection can take it before the head binds it. (Port 0, an
+    ephemeral port, raced with the busy Ray instances of other tests on a loaded machine.)"""
+    rng = secrets.SystemRandom()
+    for _ in range(1000):
+        port = rng.randrange(20_000, 32_768)
+        if port in taken:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32767")
 
 
 # ------------------------------------------------------------------------------------ unit tests
@@ -199,20 +211,19 @@ def ray_head(tmp_path_factory) -> Iterator[tuple[str, str]]:
     """
     tmp = Path(tempfile.mkdtemp(prefix="rsub", dir="/tmp"))  # short: Ray's socket paths have a length limit
     token = secrets.token_hex(32)
-    ports = {
-        name: free_port()
-        for name in (
-            "port",
-            "dashboard-port",
-            "ray-client-server-port",
-            "dashboard-agent-listen-port",
-            "dashboard-agent-grpc-port",
-            "runtime-env-agent-port",
-            "metrics-export-port",
-            "node-manager-port",
-            "object-manager-port",
-        )
-    }
+    ports: dict[str, int] = {}
+    for name in (
+        "port",
+        "dashboard-port",
+        "ray-client-server-port",
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "runtime-env-agent-port",
+        "metrics-export-port",
+        "node-manager-port",
+        "object-manager-port",
+    ):
+        ports[name] = free_port(set(ports.values()))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "GPTFL_"))}
     # `gptfl` must be on the job's PATH, as it is in the cluster image; HOME keeps ~/.ray/ private.
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, HOME=str(tmp), PATH=f"{VENV_BIN}:{env['PATH']}")
