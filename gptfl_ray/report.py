@@ -150,7 +150,7 @@ def write_report(run_dir: Path, results: dict[str, Any]) -> Path:
         f"# GPT-FL run: {results.get('name', run_dir.name)}",
         "",
         f"Seeds: {results.get('seeds')}. Target accuracy: {f'{100 * target:.0f}%' if target else 'none'}."
-        + (f" Wall time: {results['wall_time_s']:.0f} s." if "wall_time_s" in results else ""),
+        + _wall_time(results),
         "",
         *table_lines(data, target),
         "",
@@ -199,3 +199,10 @@ def report_command(args) -> int:
     print_summary_table(results, run_dir)
     print(f"report: {path}")
     return 0
+
+
+def _wall_time(results: dict[str, Any]) -> str:
+    if "wall_time_s" not in results:
+        return ""
+    note = " (this invocation only: it resumed earlier work)" if results.get("resumed") else ""
+    return f" Wall time: {results['wall_time_s']:.0f} s{note}."

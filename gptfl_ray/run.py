@@ -125,6 +125,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     from gptfl_ray.pretrain import real_test_tensors
     from gptfl_ray.report import write_report
 
+    resumed = (run_dir / "config.yaml").is_file()  # an earlier invocation's work is in here
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     t0 = time.perf_counter()
@@ -156,6 +157,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
                 "final_accuracy": summary.get("final_accuracy"),
             }
     results["wall_time_s"] = time.perf_counter() - t0
+    results["resumed"] = resumed
     report = write_report(run_dir, results)
     return {"results": results, "report": report}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,6 +51,7 @@ def test_run_writes_every_artifact(finished_run):
         assert (folder / "final.safetensors").is_file()
     report = (run_dir / "report.md").read_text()
     assert "gptfl" in report and "fedavg-scratch" in report and "synthetic only" in report
+    assert re.search(r"Wall time: \d+ s\.", report)  # a fresh run: the whole wall time
     for png in ("accuracy_vs_round.png", "accuracy_vs_mb.png", "grad_diversity.png"):
         assert (run_dir / "plots" / png).stat().st_size > 1000
     # the gptfl arm starts from the pretrained weights: its first evaluation beats the scratch arm's
@@ -135,7 +137,8 @@ def test_interrupted_run_resumes(tmp_path, data_dir):
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert (run_dir / "report.md").is_file()
+    assert "Wall time" in (run_dir / "report.md").read_text()
+    assert "this invocation only" in (run_dir / "report.md").read_text()  # not the whole run's time
     assert (pre / "weights.safetensors").stat().st_mtime_ns == pre_mtime  # pretraining not redone
     arms = sorted((run_dir / "fl").glob("gptfl-*"))
     assert len(arms) == 1, [a.name for a in arms]
