@@ -6,9 +6,6 @@ STAMP  := $(VENV)/.installed-stamp
 # Real data lives beside the checkout in ../shared/data when present; GPTFL_DATA_DIR overrides.
 export GPTFL_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 PYTEST_ARGS ?=
-# Two pytest workers, one test file each at a time (files share session fixtures such as a sweep's synthetic
-# data): much of the suite waits on Ray start-up and subprocesses, so 2 workers fit 2 cores. 0 = serial.
-PYTEST_WORKERS ?= 2
 
 .PHONY: setup system-deps test lint demo clean
 
@@ -29,7 +26,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check gptfl_ray tests bench
