@@ -11,21 +11,46 @@ import copy
 import hashlib
 import json
 import math
+import reprlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
-
-class ConfigError(ValueError):
-    """A config problem; the message names the file and the field."""
+from gptfl_ray.errors import ConfigError, shorten  # ConfigError: re-exported for callers
 
 
 class Section(BaseModel):
     """Base for every config section: unknown keys are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf/nan in a float field is an error: every float here is a size, a rate or a bound.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def _check_folder_name(value: str) -> str:
+    """A name used as (part of) a folder name must stay one plain path component."""
+    if not value or "/" in value or "\\" in value or ".." in value or not value.isprintable():
+        raise PydanticCustomError(
+            "folder_name", "must be a plain folder name (no '/', '\\', '..' or control characters)"
+        )
+    return value
+
+
+# Run, arm and sweep names become folder names (runs/<name>-<time>, fl/<arm>-seed<k>-<hash>).
+FolderName = Annotated[str, Field(max_length=100), AfterValidator(_check_folder_name)]
+# Non-negative and within what numpy's and torch's generators take.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -48,7 +73,7 @@ class DataConfig(Section):
     test_split: Literal["official", "holdout"] = "official"
     num_test: int | None = Field(None, gt=0)
     num_train: int | None = Field(None, gt=0)  # cap on the federated pool (None = all)
-    split_seed: int = 0
+    split_seed: Seed = 0
     audio: AudioConfig = AudioConfig()
 
 
@@ -63,7 +88,37 @@ class PartitionConfig(Section):
 
 class ModelConfig(Section):
     name: str = "convnet"
-    width: int | None = Field(None, gt=0)  # model-specific width override (e.g. ConvNet channels)
+    # Channel width of models that have one (gptfl_ray/models/specs.py:WIDTH_MODELS); an error for the others.
+    width: int | None = Field(None, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        from gptfl_ray.models.specs import name_error
+
+        if err := name_error(value):
+            raise PydanticCustomError("model_name", err)
+        return value
+
+    @field_validator("width")
+    @classmethod
+    def _check_width(cls, value: int | None, info: ValidationInfo) -> int | None:
+        from gptfl_ray.models.specs import width_error
+
+        if err := width_error(info.data.get("name", ""), value):
+            raise PydanticCustomError("model_width", err)
+        return value
+
+
+def _majority_threshold(value: float, info: ValidationInfo) -> float:
+    """SecAgg thresholds must exceed half the participants unless ``secagg_allow_minority_threshold``."""
+    if value <= 0.5 and not info.data.get("secagg_allow_minority_threshold", False):
+        raise PydanticCustomError(
+            "secagg_majority",
+            "must be > 0.5: at or below half of the participants, a server that sends clients different "
+            "survivor lists can unmask a client's input (set secagg_allow_minority_threshold: true to accept that)",
+        )
+    return value
 
 
 # ---------------------------------------------------------------------------------- labels & prompts
@@ -78,9 +133,14 @@ class LabelsConfig(Section):
     iblt_capacity: int = Field(256, gt=0)
     iblt_repetitions: int = Field(4, ge=2, le=7)
     iblt_max_label_bytes: int = Field(64, gt=0, lt=65536)
-    # Fraction of clients (rounded up) that must survive every SecAgg stage; fewer aborts without a result.
+    # Allow secagg_threshold <= 0.5 (README "Secure aggregation": safe against an honest-but-curious server only).
+    secagg_allow_minority_threshold: bool = False
+    # Fraction of clients (rounded up, at least 2 and more than half unless allowed above) that must survive
+    # every SecAgg stage; fewer aborts without a result.
     secagg_threshold: float = Field(0.6, gt=0, le=1)
-    secagg_timeout_s: float | None = Field(None, gt=0)  # per-stage deadline; hosts that miss it drop out
+    secagg_timeout_s: float = Field(600.0, gt=0)  # per-stage deadline; hosts that miss it drop out
+
+    _check_secagg_threshold = field_validator("secagg_threshold")(_majority_threshold)
 
 
 DEFAULT_EXPANSION_INSTRUCTION = (
@@ -100,6 +160,8 @@ class ExpanderConfig(Section):
     model: str | None = None  # hub id or local path (transformers/vllm); model name at the endpoint (openai)
     base_url: str | None = None  # openai: endpoint root incl. /v1, e.g. http://127.0.0.1:8000/v1
     api_key_env: str = "OPENAI_API_KEY"  # openai: env var holding the key (unset = no Authorization header)
+    # openai: allow sending the key over plain http:// to a host other than this machine (gptfl_ray/transport.py)
+    allow_insecure_http: bool = False
     # What the LLM is asked; placeholders {prompt} (the template prompt) and {label} (the label text).
     instruction: str = DEFAULT_EXPANSION_INSTRUCTION
     system_prompt: str | None = None  # chat models only
@@ -110,7 +172,8 @@ class ExpanderConfig(Section):
     top_p: float = Field(0.95, gt=0, le=1)
     timeout_s: float = Field(30.0, gt=0)  # openai: per request
     retries: int = Field(2, ge=0)  # openai: extra attempts after timeout / 408 / 429 / 5xx / malformed reply
-    retry_backoff_s: float = Field(0.5, ge=0)  # openai: wait before retry k is retry_backoff_s * 2**k
+    # openai: wait before retry k is retry_backoff_s * 2**(k-1) × [0.5, 1.5) jitter, or the Retry-After if longer
+    retry_backoff_s: float = Field(0.5, ge=0)
     max_concurrency: int = Field(4, gt=0)  # openai: requests in flight per actor (total: × concurrency)
     batch_size: int = Field(8, gt=0)  # rows per actor call
     concurrency: int = Field(1, gt=0)  # actors in the expansion pool
@@ -126,6 +189,8 @@ class ExpanderConfig(Section):
     min_chars: int = Field(3, ge=0)
     max_chars: int = Field(300, gt=0)
     synonyms: dict[str, list[str]] = Field(default_factory=dict)
+    # More rows than this fraction falling back to their template fails the step (endpoint down, bad key, ...).
+    max_fallback_fraction: float = Field(0.1, ge=0, le=1)
     runtime_env: dict[str, Any] | None = None  # vLLM stage: its own env (pip / container image)
 
     @model_validator(mode="after")
@@ -257,13 +322,19 @@ class FLConfig(Section):
     # A client whose actor dies mid-round is re-dispatched this many times (0 = aggregate the survivors).
     client_retries: int = Field(1, ge=0)
     max_actor_replacements: int = Field(8, ge=0)  # dead actors replaced per run before the run fails
+    # Deadline of one client task (training, evaluation); a task past it counts as a lost client: its actor is
+    # killed and replaced, the task re-dispatched per client_retries. None: 10x the median measured time of
+    # such tasks (scaled by the client's sample count), at least 60 s; 600 s until one has finished.
+    task_timeout_s: float | None = Field(None, gt=0)
     # L2 bound; larger updates are rejected (with secure_aggregation: the client clips its update to it).
     max_update_norm: float | None = Field(None, gt=0)
     # Secure aggregation (Bonawitz et al. 2017) of FedAvg-family updates, see gptfl_ray/fl/secure.py: the server
     # learns only Σ[w·Δ, w]; grad_diversity is null; SCAFFOLD is not supported.
     secure_aggregation: bool = False
-    # Fraction of the round's SecAgg participants (rounded up, at least 2) that must survive every stage;
-    # fewer: the round is skipped (no partial sum is ever revealed).
+    # Allow secagg_threshold <= 0.5 (README "Secure aggregation": safe against an honest-but-curious server only).
+    secagg_allow_minority_threshold: bool = False
+    # Fraction of the round's SecAgg participants (rounded up, at least 2 and more than half unless allowed
+    # above) that must survive every stage; fewer: the round is skipped (no partial sum is ever revealed).
     secagg_threshold: float = Field(0.6, gt=0, le=1)
     # Z_2^32 (4 bytes per value on the wire, like float32) or Z_2^64 (8 bytes, finer fixed point).
     secagg_ring_bits: Literal[32, 64] = 32
@@ -271,7 +342,7 @@ class FLConfig(Section):
     # counted in the round's secagg.clipped_fraction): trainable parameters, and float buffers (BatchNorm).
     secagg_clip: float = Field(1.0, gt=0)
     secagg_buffer_clip: float = Field(100.0, gt=0)
-    secagg_timeout_s: float | None = Field(None, gt=0)  # per-stage deadline; actors that miss it drop out
+    secagg_timeout_s: float = Field(600.0, gt=0)  # per-stage deadline; actors that miss it drop out
     target_accuracy: float | None = Field(None, gt=0, le=1)
     # "federated": FL rounds; "isolated": the paper's client-isolated fine-tuning control.
     mode: Literal["federated", "isolated"] = "federated"
@@ -280,18 +351,20 @@ class FLConfig(Section):
         None, gt=0
     )  # local epochs of the isolated control (None: local.epochs)
 
+    _check_secagg_threshold = field_validator("secagg_threshold")(_majority_threshold)
+
 
 class BaselineConfig(Section):
     """One baseline arm: FL from random init with these overrides of the main `fl` section."""
 
-    name: str
+    name: FolderName
     fl: dict[str, Any] = Field(default_factory=dict)
     init: Literal["random", "pretrained"] = "random"
 
 
 class RunConfig(Section):
-    name: str = "run"
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    name: FolderName = "run"
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     output_dir: Path = Path("runs")
     data_dir: Path | None = None  # overrides GPTFL_DATA_DIR
     ray_address: str | None = None  # None = local ray.init()
@@ -311,16 +384,63 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc) or "<root>"
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+# Bounds on what a config may hold and what an error may echo of it (a YAML alias bomb is a few hundred bytes).
+MAX_CONFIG_VALUES = 100_000  # keys + values after alias expansion
+MAX_CONFIG_DEPTH = 64
+MAX_ERRORS_SHOWN = 3
+
+
+def echo(value: Any, limit: int = 80) -> str:
+    """A bounded ``repr`` of user input for error messages (never the repr of a whole large value)."""
+    r = reprlib.Repr()  # Python 3.11's Repr takes no keyword arguments
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 2, 4, 4, limit, limit
+    return shorten(r.repr(value), limit)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
     lines = []
-    for e in err.errors():
-        msg = e["msg"]
+    errors = err.errors()
+    for e in errors[:MAX_ERRORS_SHOWN]:
+        msg = shorten(e["msg"], 200)
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         inp = e.get("input")
-        shown = f" (got {inp!r})" if e["type"] != "extra_forbidden" and not isinstance(inp, dict) else ""
-        lines.append(f"{source}: {_format_loc(e['loc'])}: {msg}{shown}")
+        shown = f" (got {echo(inp)})" if e["type"] != "extra_forbidden" and not isinstance(inp, dict) else ""
+        lines.append(f"{source}: {shorten(_format_loc(e['loc']), 120)}: {msg}{shown}")
+    if len(errors) > MAX_ERRORS_SHOWN:
+        lines.append(f"and {len(errors) - MAX_ERRORS_SHOWN} more errors")
     return "; ".join(lines)
+
+
+def check_size(value: Any, source: str) -> None:
+    """Refuse YAML whose aliases expand past ``MAX_CONFIG_VALUES`` values, nest past ``MAX_CONFIG_DEPTH``
+    levels, or refer to themselves: the expansion is counted per distinct node, never materialised."""
+    seen: dict[int, tuple[int, int]] = {}  # id -> (values, height) of an already measured node
+    active: set[int] = set()
+
+    def measure(v: Any, depth: int) -> tuple[int, int]:
+        if not isinstance(v, dict | list):
+            return 1, 0
+        key = id(v)
+        if key in active:
+            raise ConfigError(f"{source}: a YAML alias refers to itself (recursive value)")
+        if key not in seen:
+            if depth > MAX_CONFIG_DEPTH:
+                raise ConfigError(f"{source}: values nested more than {MAX_CONFIG_DEPTH} levels deep")
+            active.add(key)
+            parts = [measure(x, depth + 1) for x in ([*v.keys(), *v.values()] if isinstance(v, dict) else v)]
+            active.discard(key)
+            seen[key] = (1 + sum(n for n, _ in parts), 1 + max((h for _, h in parts), default=0))
+        total, height = seen[key]
+        if total > MAX_CONFIG_VALUES:
+            raise ConfigError(
+                f"{source}: more than {MAX_CONFIG_VALUES} values once YAML aliases are expanded (alias bomb?)"
+            )
+        if depth + height > MAX_CONFIG_DEPTH + 1:
+            raise ConfigError(f"{source}: values nested more than {MAX_CONFIG_DEPTH} levels deep")
+        return total, height
+
+    measure(value, 0)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -332,8 +452,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set {text!r}: empty key")
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw
+    check_size(value, f"--set {key.strip()}")
     return key.strip().split("."), value
 
 
@@ -357,21 +478,32 @@ def validate_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source)) from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        what = "a directory, not a config file" if path.is_dir() else "config file not found"
+        raise ConfigError(f"{path}: {what}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} invalid YAML: {getattr(err, 'problem', err)}") from None
+        problem = shorten(str(getattr(err, "problem", None) or err).splitlines()[0], 200)
+        raise ConfigError(f"{path}:{where} invalid YAML: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: values nested too deeply") from None
+    if raw is None:  # an empty file would silently run every default
+        raise ConfigError(f"{path}: empty config file (write `{{}}` to run with every default)")
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
+        raise ConfigError(f"{path}: top level must be a mapping (got {type(raw).__name__})")
+    check_size(raw, str(path))
     return raw
 
 

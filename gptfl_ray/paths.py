@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from gptfl_ray.errors import InputNotFoundError
+
 ENV_VAR = "GPTFL_DATA_DIR"
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(InputNotFoundError):
     """A dataset file is missing; the message says which files to put where."""
 
 

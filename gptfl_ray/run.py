@@ -6,7 +6,10 @@
 
 Every step writes its output into the run folder under a name carrying its config hash, and is skipped when
 that output is complete; ``--resume RUN_DIR`` reruns the same config and continues whatever was unfinished
-(FL arms resume from their last checkpoint, pretraining from its last epoch).
+(FL arms resume from their last checkpoint, pretraining from its last epoch). The CONFIG given with ``--resume``
+(its ``--set`` options included) must be the run's own: one that differs from ``RUN_DIR/config.yaml`` in any
+field but ``NON_RESULT_FIELDS`` is refused, naming the fields. Before Ray starts, the CLI validates every step and
+arm (``gptfl_ray.validate``) and ``run_command`` loads the data and draws every seed's partition.
 """
 
 from __future__ import annotations
@@ -17,12 +20,29 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from gptfl_ray.config import BaselineConfig, ConfigError, RunConfig, config_hash, load_config, save_config
+from pydantic import ValidationError
+
+from gptfl_ray.config import (
+    BaselineConfig,
+    ConfigError,
+    RunConfig,
+    config_hash,
+    dump_config,
+    format_validation_error,
+    load_config,
+    save_config,
+)
+from gptfl_ray.errors import InputNotFoundError
 from gptfl_ray.io import read_json
 
 log = logging.getLogger(__name__)
 
 GPTFL_ARM = "gptfl"
+# The only fields in which the CONFIG of a resumed run may differ from the run folder's config.yaml: where things
+# are and which cluster runs them. Every other field either changes what a step computes or is part of a step's
+# output key (the generate/pretrain/fl sections are hashed whole, resources included: a changed
+# fl.num_actors would silently start that arm afresh in a new folder), or names the results (name).
+NON_RESULT_FIELDS = ("output_dir", "data_dir", "ray_address")
 
 
 # ------------------------------------------------------------------------------------------ arms
@@ -33,8 +53,8 @@ def arm_config(cfg: RunConfig, baseline: BaselineConfig | None) -> RunConfig:
     merged = _deep_merge(cfg.fl.model_dump(mode="json"), baseline.fl)
     try:
         return cfg.model_copy(update={"fl": type(cfg.fl).model_validate(merged)})
-    except Exception as err:  # pydantic ValidationError -> one line naming the arm
-        raise ConfigError(f"baselines[{baseline.name}].fl: {err}".splitlines()[0]) from None
+    except ValidationError as err:  # -> one line naming the arm and the field
+        raise ConfigError(format_validation_error(err, f"baselines[{baseline.name}].fl")) from None
 
 
 def arms(cfg: RunConfig) -> list[tuple[str, RunConfig, bool]]:
@@ -119,17 +139,52 @@ def fl_dir(run_dir: Path, arm: str, arm_cfg: RunConfig, seed: int, init_key: str
 
 
 # ------------------------------------------------------------------------------------------ driver
-def run(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
-    """Run every step for every seed into ``run_dir``; return the results index the report reads."""
+def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted paths of the fields in which two dumped configs differ (lists compare whole)."""
+    out = []
+    for key in [*old, *(k for k in new if k not in old)]:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{key}.")
+        elif key not in old or key not in new or a != b:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def check_resume(cfg: RunConfig, run_dir: Path, source: str = "the config") -> bool:
+    """Whether ``run_dir`` already holds a run (its ``config.yaml``); if so, ``cfg`` (the CONFIG file with its
+    --set overrides, named ``source``) must equal that config in every field but ``NON_RESULT_FIELDS``."""
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.is_file():
+        return False
+    old, new = dump_config(load_config(saved)), dump_config(cfg)
+    changed = [f for f in config_differences(old, new) if f.split(".")[0] not in NON_RESULT_FIELDS]
+    if changed:
+        shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+        raise ConfigError(
+            f"{source}: differs from {saved} in {shown}; a run keeps the config it started with (only "
+            f"{', '.join(NON_RESULT_FIELDS)} may change): resume with the same config and --set options, "
+            "or start a new run folder"
+        )
+    return True
+
+
+def run(cfg: RunConfig, run_dir: Path, test: Any = None) -> dict[str, Any]:
+    """Run every step for every seed into ``run_dir``; return the results index the report reads.
+
+    ``run_dir`` may hold an earlier run of the same config (see ``check_resume``): finished steps are reused.
+    ``test``: the real test set as model tensors, when the caller has loaded it already.
+    """
     from gptfl_ray.fl.runner import prepare_federated_data
     from gptfl_ray.pretrain import real_test_tensors
     from gptfl_ray.report import write_report
 
-    resumed = (run_dir / "config.yaml").is_file()  # an earlier invocation's work is in here
+    resumed = check_resume(cfg, run_dir)  # an earlier invocation's work is in here
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     t0 = time.perf_counter()
-    test = real_test_tensors(cfg, required=True)  # the real data must exist before hours of generation
+    if test is None:
+        test = real_test_tensors(cfg, required=True)  # the real data must exist before hours of generation
     label_names = step_labels(cfg, run_dir)
     synthetic = step_generate(cfg, run_dir, label_names)
     results: dict[str, Any] = {
@@ -169,22 +224,29 @@ def new_run_dir(cfg: RunConfig, output: str | None) -> Path:
 
 
 def run_command(args) -> int:
+    from gptfl_ray.data.features import to_tensors
     from gptfl_ray.ray_env import ray_for
     from gptfl_ray.report import print_summary_table
+    from gptfl_ray.validate import check_data, check_output_dir
 
-    cfg: RunConfig = args.cfg
+    cfg: RunConfig = args.cfg  # validated whole (every step and arm) by the CLI before this
+    source = f"{args.config}{' with its --set options' if args.overrides else ''}"
     if args.resume:
         run_dir = Path(args.resume)
-        saved = run_dir / "config.yaml"
-        if not saved.is_file():
-            raise FileNotFoundError(f"{saved}: not a run folder (no config.yaml)")
-        # The run folder's own config is the source of truth; --set overrides still apply on top.
-        cfg = load_config(saved, args.overrides)
+        if args.output and Path(args.output) != run_dir:
+            raise ConfigError(f"--output {args.output}: --resume {run_dir} names the run folder already")
+        if not (run_dir / "config.yaml").is_file():
+            raise InputNotFoundError(f"{run_dir / 'config.yaml'}: not a run folder (no config.yaml)")
     else:
         run_dir = new_run_dir(cfg, args.output)
+    check_output_dir(run_dir, "run folder")
+    check_resume(cfg, run_dir, source)  # CONFIG must be the run's own config (also for --output RUN_DIR)
+    # Before Ray and hours of generation: the real data, and every seed's client partition.
+    splits = check_data(cfg, cfg.seeds)
+    test = to_tensors(splits.test, cfg.data.dataset, cfg.data.audio)
     with ray_for(cfg.ray_address, announce=True):
         print(f"run folder: {run_dir}", flush=True)
-        out = run(cfg, run_dir)
+        out = run(cfg, run_dir, test=test)
     print_summary_table(out["results"], run_dir)
     print(f"report: {out['report']}")
     return 0

@@ -17,6 +17,7 @@ import torch
 import torchaudio.functional as AF
 
 from gptfl_ray.config import AudioConfig
+from gptfl_ray.errors import InputError
 from gptfl_ray.io import atomic_path
 from gptfl_ray.paths import DataNotFoundError, cache_dir
 
@@ -29,7 +30,7 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
     try:
         wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except (RuntimeError, sf.LibsndfileError) as err:
-        raise ValueError(f"{path}: cannot read audio ({err})") from None
+        raise InputError(f"{path}: cannot read audio ({err})") from None
     return wav.mean(axis=1), int(sr)
 
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gptfl_ray.errors import ConfigError
+
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
@@ -141,4 +143,4 @@ def get_spec(name: str) -> DatasetSpec:
     try:
         return SPECS[name]
     except KeyError:
-        raise ValueError(f"data.dataset: unknown dataset {name!r} (known: {', '.join(SPECS)})") from None
+        raise ConfigError(f"data.dataset: unknown dataset {name!r} (known: {', '.join(SPECS)})") from None

@@ -13,6 +13,7 @@ import numpy as np
 from gptfl_ray.config import AudioConfig
 from gptfl_ray.data.audio import load_clips
 from gptfl_ray.data.base import ArrayDataset, Splits, get_spec
+from gptfl_ray.errors import InputError
 from gptfl_ray.paths import DataNotFoundError
 
 TEST_FOLD = 5
@@ -29,7 +30,7 @@ def load_esc50(root: Path, audio: AudioConfig) -> Splits:
         rows = list(csv.DictReader(f))
     missing = [c for c in ("filename", "fold", "target", "category") if rows and c not in rows[0]]
     if missing or not rows:
-        raise ValueError(f"{meta}: expected columns filename, fold, target, category")
+        raise InputError(f"{meta}: expected columns filename, fold, target, category")
     names: dict[int, str] = {int(r["target"]): r["category"].replace("_", " ") for r in rows}
     label_names = [names[i] for i in sorted(names)]
     x = load_clips([root / "audio" / r["filename"] for r in rows], audio)

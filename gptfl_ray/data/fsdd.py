@@ -10,6 +10,7 @@ import numpy as np
 from gptfl_ray.config import AudioConfig
 from gptfl_ray.data.audio import load_clips
 from gptfl_ray.data.base import ArrayDataset, Splits, get_spec
+from gptfl_ray.errors import InputError
 from gptfl_ray.paths import DataNotFoundError
 
 NAME = re.compile(r"^(\d)_([A-Za-z]+)_(\d+)\.wav$")
@@ -27,7 +28,7 @@ def load_fsdd(root: Path, audio: AudioConfig) -> Splits:
     for f in files:
         m = NAME.match(f.name)
         if m is None:
-            raise ValueError(f"{f}: not an FSDD file name (<digit>_<speaker>_<index>.wav)")
+            raise InputError(f"{f}: not an FSDD file name (<digit>_<speaker>_<index>.wav)")
         parsed.append((f, int(m.group(1)), m.group(2), int(m.group(3))))
     speakers = sorted({p[2] for p in parsed})
     spk_id = {s: i for i, s in enumerate(speakers)}

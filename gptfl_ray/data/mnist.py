@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from gptfl_ray.data.base import ArrayDataset, get_spec
+from gptfl_ray.errors import InputError
 from gptfl_ray.paths import DataNotFoundError
 
 FILES = {
@@ -32,12 +33,12 @@ def read_idx(path: Path) -> np.ndarray:
     """Decode an IDX file (big-endian header: 0, 0, dtype code, ndim; then dims; then data)."""
     raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ValueError(f"{path}: not an unsigned-byte IDX file")
+        raise InputError(f"{path}: not an unsigned-byte IDX file")
     ndim = raw[3]
     dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(np.int64)
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: truncated IDX file ({data.size} of {int(np.prod(dims))} values)")
+        raise InputError(f"{path}: truncated IDX file ({data.size} of {int(np.prod(dims))} values)")
     return data.reshape(tuple(dims))
 
 
@@ -57,10 +58,10 @@ def load_mnist(root: Path, split: str = "test", verify: bool = True) -> ArrayDat
     if verify:
         for p in paths:
             if md5(p) != MD5[p.name]:
-                raise ValueError(
+                raise InputError(
                     f"{p}: md5 mismatch (expected {MD5[p.name]}; corrupted or not the official file)"
                 )
     x, y = read_idx(paths[0]), read_idx(paths[1]).astype(np.int64)
     if len(x) != len(y):
-        raise ValueError(f"{root}: {len(x)} images but {len(y)} labels")
+        raise InputError(f"{root}: {len(x)} images but {len(y)} labels")
     return ArrayDataset(x=x, y=y, label_names=list(get_spec("mnist").label_names), modality="image")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gptfl_ray.config import PartitionConfig
+from gptfl_ray.config import ConfigError, PartitionConfig
 
 
 def iid(n: int, num_clients: int, seed: int) -> list[np.ndarray]:
@@ -40,7 +40,7 @@ def dirichlet(
     labels = np.asarray(labels)
     n = len(labels)
     if min_size * num_clients > n:
-        raise ValueError(f"partition.min_size: {min_size} × {num_clients} clients exceeds {n} samples")
+        raise ConfigError(f"partition.min_size: {min_size} × {num_clients} clients exceeds {n} samples")
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
     for _ in range(max_tries):
@@ -56,7 +56,7 @@ def dirichlet(
                 q.extend(chunk.tolist())
         if min(len(q) for q in parts) >= min_size:
             return [np.sort(np.asarray(q, dtype=np.int64)) for q in parts]
-    raise ValueError(
+    raise ConfigError(
         f"partition: no Dirichlet(alpha={alpha}) draw gave every client >= {min_size} samples in {max_tries} "
         "tries; lower partition.min_size or raise partition.alpha"
     )
@@ -83,7 +83,7 @@ def partition(
     if cfg.method == "dirichlet":
         return dirichlet(labels, cfg.num_clients, cfg.alpha, seed, cfg.min_size, cfg.balanced)
     if groups is None:
-        raise ValueError(
+        raise ConfigError(
             "partition.method: 'natural' needs a dataset with natural ids (e.g. fsdd, speech_commands)"
         )
     return natural(groups, cfg.sub_splits, seed)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptfl_ray.config import DataConfig
+from gptfl_ray.config import ConfigError, DataConfig
 from gptfl_ray.data.base import ArrayDataset, Splits, get_spec
 from gptfl_ray.paths import data_dir as resolve_data_dir
 
@@ -43,13 +43,13 @@ def _load_raw(cfg: DataConfig, root: Path) -> Splits | ArrayDataset:
         from gptfl_ray.data.vision import load_flowers102
 
         return load_flowers102(root)
-    raise ValueError(f"data.dataset: unknown dataset {cfg.dataset!r}")
+    raise ConfigError(f"data.dataset: unknown dataset {cfg.dataset!r}")
 
 
 def holdout_split(ds: ArrayDataset, num_test: int, seed: int) -> Splits:
     """Stratified random holdout of ``num_test`` samples."""
     if not 0 < num_test < len(ds):
-        raise ValueError(f"data.num_test: must be between 1 and {len(ds) - 1} (got {num_test})")
+        raise ConfigError(f"data.num_test: must be between 1 and {len(ds) - 1} (got {num_test})")
     rng = np.random.default_rng(seed)
     test_idx = []
     for c in range(len(ds.label_names)):

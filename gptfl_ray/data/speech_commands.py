@@ -14,6 +14,7 @@ import numpy as np
 from gptfl_ray.config import AudioConfig
 from gptfl_ray.data.audio import load_clips
 from gptfl_ray.data.base import ArrayDataset, Splits, get_spec
+from gptfl_ray.errors import InputError
 from gptfl_ray.paths import DataNotFoundError
 
 NAME = re.compile(r"^([0-9a-fA-F]+)_nohash_(\d+)\.wav$")
@@ -33,7 +34,7 @@ def scan_speech_commands(root: Path) -> list[tuple[str, str, str]]:
             continue
         m = NAME.match(f.name)
         if m is None:
-            raise ValueError(f"{f}: not a Speech Commands file name (<speaker>_nohash_<n>.wav)")
+            raise InputError(f"{f}: not a Speech Commands file name (<speaker>_nohash_<n>.wav)")
         out.append((f"{word}/{f.name}", word, m.group(1).lower()))
     if not out:
         raise DataNotFoundError(f"Speech Commands: no <word>/*.wav files under {root}/")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from gptfl_ray.errors import InputNotFoundError
 from gptfl_ray.io import load_weights, save_weights
 
 _NAME = re.compile(r"^(\d+)\.r(\d+)\.safetensors$")
@@ -79,7 +80,7 @@ class ClientStateStore:
                 f.unlink(missing_ok=True)
         missing = [c for c, r in self.current.items() if not self._path(c, r).is_file()]
         if missing:
-            raise FileNotFoundError(f"{self.root}: client state of clients {missing[:5]} missing for resume")
+            raise InputNotFoundError(f"{self.root}: client state of clients {missing[:5]} missing for resume")
 
     def clear(self) -> None:
         self.restore({})

@@ -63,7 +63,7 @@ class ClientContext:
 
 
 class StrategyParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     # Aggregation weight of a client: its number of samples (True) or 1 (False, the official GPT-FL code).
     weighted: bool = True
 

@@ -44,7 +44,7 @@ class Target:
 class GeneratorOptions(BaseModel):
     """Base of every generator's ``generate.options`` model: unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Generator:

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from gptfl_ray.errors import ConfigError, UserError
 from gptfl_ray.labels.ring import Ring
 
 PRIME = 2**61 - 1
@@ -44,7 +45,7 @@ TARGET_FAILURE = 1e-4
 MIN_CELLS_PER_SUBTABLE = 8
 
 
-class IBLTDecodeError(ValueError):
+class IBLTDecodeError(UserError, ValueError):
     """The table could not be fully peeled (more distinct keys than its capacity, or a corrupted sum)."""
 
 
@@ -118,7 +119,7 @@ class IBLT:
             raise ValueError(f"iblt: labels must be non-empty strings (got {label!r})")
         raw = label.encode("utf-8")
         if len(raw) > self.params.max_label_bytes:
-            raise ValueError(
+            raise ConfigError(
                 f"iblt: label {label[:40]!r}… is {len(raw)} UTF-8 bytes, more than "
                 f"labels.iblt_max_label_bytes={self.params.max_label_bytes}"
             )
@@ -153,7 +154,7 @@ class IBLT:
             for label in labels:
                 counts[label] = 1
         if len(counts) > self.capacity:
-            raise ValueError(
+            raise ConfigError(
                 f"iblt: {len(counts)} distinct labels exceed the table capacity {self.capacity} "
                 "(raise labels.iblt_capacity)"
             )

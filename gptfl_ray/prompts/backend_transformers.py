@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from gptfl_ray.errors import ConfigError
 from gptfl_ray.prompts.instruction import chat_messages, check_columns, instruction_text
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ class TransformersPromptExpander:
         has_template = bool(getattr(tokenizer, "chat_template", None))
         self.chat = has_template if cfg.chat is None else cfg.chat
         if self.chat and not has_template:
-            raise ValueError(
+            raise ConfigError(
                 f"prompts.expander.chat: model {cfg.model!r} has no chat template (set chat: false)"
             )
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
+from gptfl_ray.errors import ConfigError
 from gptfl_ray.prompts.placeholders import check_placeholders
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ def samples_per_class(cfg: PromptsConfig, num_classes: int, class_counts: list[i
     if cfg.num_per_class is not None:
         return [cfg.num_per_class] * num_classes
     if cfg.scale is None:
-        raise ValueError("prompts.num_per_class: set it (or prompts.scale with the real class counts)")
+        raise ConfigError("prompts.num_per_class: set it (or prompts.scale with the real class counts)")
     if class_counts is None:
         raise ValueError("prompts.scale: needs the real dataset's per-class counts (class_counts)")
     if len(class_counts) != num_classes:
@@ -96,7 +97,7 @@ def guidance_scales(cfg: PromptsConfig, uniform: np.ndarray) -> np.ndarray:
     if cfg.guidance_integer:
         first, last = int(np.ceil(lo)), int(np.floor(hi))
         if last < first:
-            raise ValueError("prompts.guidance_integer: no integer between guidance_min and guidance_max")
+            raise ConfigError("prompts.guidance_integer: no integer between guidance_min and guidance_max")
         values = first + np.minimum((uniform * (last - first + 1)).astype(np.int64), last - first)
         return values.astype(np.float32)
     return (lo + uniform * (hi - lo)).astype(np.float32)
@@ -112,18 +113,18 @@ def build_prompt_table(
 ) -> pa.Table:
     """One row per synthetic sample, ordered by label then index (schema: ``PROMPT_SCHEMA``)."""
     if not label_names:
-        raise ValueError("labels: no label names to build prompts for")
+        raise ConfigError("labels: no label names to build prompts for")
     if len(set(label_names)) != len(label_names):
         dupes = sorted({n for n in label_names if label_names.count(n) > 1})
-        raise ValueError(f"labels: duplicate label names {dupes}")
+        raise ConfigError(f"labels: duplicate label names {dupes}")
     templates = list(cfg.templates) if cfg.templates else default_templates(modality, cfg.domain)
     try:
         check_placeholders(templates, allowed={"label", "domain"}, required="label")
     except ValueError as err:
-        raise ValueError(f"prompts.templates: {err}") from None
+        raise ConfigError(f"prompts.templates: {err}") from None
     uses_domain = any("{domain}" in t for t in templates)
     if uses_domain and not cfg.domain:
-        raise ValueError("prompts.domain: a template uses {domain} but prompts.domain is not set")
+        raise ConfigError("prompts.domain: a template uses {domain} but prompts.domain is not set")
     domains = (cfg.domain if isinstance(cfg.domain, list) else [cfg.domain]) if uses_domain else [None]
     counts = samples_per_class(cfg, len(label_names), class_counts)
 
