@@ -147,27 +147,20 @@ def test_interrupted_run_resumes(tmp_path, data_dir):
     assert rounds == list(range(1, 7))
 
 
-def test_pretraining_resumes_from_checkpoint(finished_run, tmp_path):
-    """A pretraining folder with an epoch checkpoint but no final weights continues from the next epoch."""
+def test_pretraining_resumes_from_checkpoint(finished_run, tmp_path, monkeypatch):
+    """A pretraining stopped after its epoch-0 checkpoint continues from epoch 1 to the uninterrupted result."""
     from gptfl_ray.pretrain import pretrain
+    from tests.test_pretrain import interrupt_after, same_weights, without_times
 
     cfg, run_dir, _ = finished_run
     synthetic = next(run_dir.glob("synthetic-*"))
+    (full,) = run_dir.glob("pretrain-*-seed0")  # the run's own, uninterrupted pretraining
     out = tmp_path / "pre"
-    first = pretrain(
-        cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"epochs": 1})}),
-        synthetic,
-        out,
-        seed=0,
-    )
-    assert first["resumed_from_epoch"] == 0
-    (out / "metrics.json").unlink()  # as if the process died after the epoch-0 checkpoint
-    (out / "weights.safetensors").unlink()
-    second = pretrain(
-        cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"epochs": 2})}),
-        synthetic,
-        out,
-        seed=0,
-    )
-    assert second["resumed_from_epoch"] == 1
-    assert [h["epoch"] for h in second["history"]][-1] == 1
+    interrupt_after(monkeypatch, epoch=0)
+    with pytest.raises(Exception, match="interrupted after epoch 0"):
+        pretrain(cfg, synthetic, out, seed=0)
+    assert not (out / "weights.safetensors").exists()
+    resumed = pretrain(cfg, synthetic, out, seed=0)
+    assert resumed["resumed_from_epoch"] == 1
+    assert without_times(resumed["history"]) == without_times(read_json(full / "metrics.json")["history"])
+    assert same_weights(out, full)

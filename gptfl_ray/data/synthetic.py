@@ -2,7 +2,9 @@
 
 ``load_synthetic`` returns exactly what a real dataset looks like before ``features.to_tensors`` (uint8
 images at the task size, float32 waveforms standardised like real clips); ``synthetic_ray_dataset`` streams
-model inputs (``x``) and labels (``y``) through the same feature functions, for Ray Train.
+model inputs (``x``), labels (``y``) and each sample's stable id (``row``, its prompt-table index) through the
+same feature functions, for Ray Train. ``row`` lets a consumer split and shuffle by a seeded hash of the id, so
+its result does not depend on the order in which Ray Data happens to produce blocks.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from gptfl_ray.config import DataConfig
+from gptfl_ray.config import DataConfig, config_hash
 from gptfl_ray.data.audio import standardize_clip
 from gptfl_ray.data.base import ArrayDataset, get_spec
+from gptfl_ray.errors import InputError, InputNotFoundError
 from gptfl_ray.io import read_json
 
 MANIFEST = "manifest.json"
@@ -25,12 +28,12 @@ def read_manifest(dir: str | Path) -> dict[str, Any]:
     """The folder's manifest; a clear error if the folder is not a finished generation."""
     path = Path(dir) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"{dir}: no {MANIFEST}: not a finished synthetic data folder (run or resume `gptfl generate`)"
         )
     manifest = read_json(path)
     if not manifest.get("complete"):
-        raise ValueError(f"{dir}: {MANIFEST} marks the generation incomplete (resume `gptfl generate`)")
+        raise InputError(f"{dir}: {MANIFEST} marks the generation incomplete (resume `gptfl generate`)")
     return manifest
 
 
@@ -39,8 +42,25 @@ def shard_files(dir: str | Path, manifest: dict[str, Any] | None = None) -> list
     files = [Path(dir) / s for s in manifest["shards"]]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        raise FileNotFoundError(f"{dir}: shard files missing: {', '.join(missing[:3])}")
+        raise InputNotFoundError(f"{dir}: shard files missing: {', '.join(missing[:3])}")
     return files
+
+
+def synthetic_identity(dir: str | Path, manifest: dict[str, Any] | None = None) -> str:
+    """A hash of what the folder holds (its manifest and every shard's size): the cache key of its consumers."""
+    manifest = manifest or read_manifest(dir)
+    return config_hash(manifest, [f.stat().st_size for f in shard_files(dir, manifest)])
+
+
+def row_ids(dir: str | Path, manifest: dict[str, Any] | None = None) -> np.ndarray:
+    """Every sample's stable id (the ``row`` column: its prompt-table index), in shard order."""
+    import pyarrow.parquet as pq
+
+    files = shard_files(dir, manifest)
+    if files and "row" not in pq.read_schema(files[0]).names:
+        raise InputError(f"{dir}: shards have no 'row' column (made by an older gptfl generate; regenerate)")
+    parts = [pq.read_table(f, columns=["row"])["row"].to_numpy() for f in files]
+    return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
 
 
 def _check_task(dir: str | Path, manifest: dict[str, Any], data_cfg: DataConfig) -> str:
@@ -48,7 +68,7 @@ def _check_task(dir: str | Path, manifest: dict[str, Any], data_cfg: DataConfig)
     spec = get_spec(data_cfg.dataset)
     kind = "image" if spec.modality == "image" else "audio"
     if manifest.get("kind", "image" if "image_size" in manifest else "audio") != kind:
-        raise ValueError(
+        raise InputError(
             f"{dir}: holds {manifest.get('kind')} data but data.dataset {data_cfg.dataset!r} is {kind}"
         )
     return kind
@@ -72,7 +92,7 @@ def class_index(manifest: dict[str, Any], data_cfg: DataConfig) -> np.ndarray:
     where = {n: i for i, n in enumerate(classes)}
     unknown = [n for n in names if n not in where]
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"synthetic labels {unknown[:5]} are not classes of data.dataset {data_cfg.dataset!r}"
         )
     return np.array([where[n] for n in names], dtype=np.int64)
@@ -142,11 +162,17 @@ def _audio_lists(column: Any) -> list[np.ndarray]:
 
 
 def _featurize(
-    batch: Any, data_cfg: DataConfig, kind: str, source_rate: int | None, classes: np.ndarray
+    batch: Any,
+    data_cfg: DataConfig,
+    kind: str,
+    source_rate: int | None,
+    classes: np.ndarray,
 ) -> dict[str, np.ndarray]:
-    """Ray Data batch function: stored samples -> ``x`` model inputs (same feature code as real data), ``y``."""
+    """Ray Data batch function: stored samples -> ``x`` model inputs (same feature code as real data), ``y``,
+    ``row`` (the stable id)."""
     from gptfl_ray.data.features import audio_tensor, image_tensor
 
+    rows = batch["row"].to_numpy().astype(np.int64)
     y = classes[batch["label"].to_numpy()]
     if kind == "image":
         spec = get_spec(data_cfg.dataset)
@@ -157,11 +183,15 @@ def _featurize(
         x = audio_tensor(
             standardize_waves(_audio_lists(batch["audio"]), source_rate, data_cfg), data_cfg.audio
         )
-    return {"x": x.numpy().astype(np.float32, copy=False), "y": y}
+    return {"x": x.numpy().astype(np.float32, copy=False), "y": y, "row": rows}
 
 
 def synthetic_ray_dataset(dir: str | Path, data_cfg: DataConfig) -> Any:
-    """A lazy Ray Dataset with ``x`` (float32 model inputs) and ``y`` (int64), for ``iter_torch_batches``."""
+    """A lazy Ray Dataset with ``x`` (float32 model inputs), ``y`` (int64) and ``row`` (int64 stable id).
+
+    Rows come in shard order when the dataset's DataContext preserves order
+    (``execution_options.preserve_order``), else in whatever order Ray Data's tasks finish.
+    """
     import ray.data
 
     manifest = read_manifest(dir)
@@ -170,7 +200,7 @@ def synthetic_ray_dataset(dir: str | Path, data_cfg: DataConfig) -> Any:
     rate = int(manifest["sample_rate"]) if kind == "audio" else None
     return (
         ray.data.read_parquet(files)
-        .select_columns([kind, "label"])
+        .select_columns([kind, "label", "row"])
         .map_batches(
             _featurize,
             fn_kwargs={
