@@ -266,6 +266,54 @@ def test_killed_actor_work_is_redispatched(reference, small_data, tmp_path):
     assert_same_weights(out, reference[0])  # the re-dispatched task reproduced the lost update exactly
 
 
+def make_hanging_client(arm_dir: Path):
+    """A client whose first task after arming hangs forever (alive, never answering); every later task
+    records the pid of the actor that ran it."""
+
+    class HangingClient(FLClient):
+        def train(self, *args, **kwargs):
+            import os
+
+            try:
+                os.rename(arm_dir / "armed", arm_dir / "fired")
+            except FileNotFoundError:
+                if (arm_dir / "fired").exists():
+                    with open(arm_dir / "after", "a") as f:
+                        f.write(f"{os.getpid()}\n")
+                return super().train(*args, **kwargs)
+            (arm_dir / "victim").write_text(str(os.getpid()))
+            while True:
+                time.sleep(3600)
+
+    return HangingClient
+
+
+def test_hung_actor_times_out_and_its_work_is_redispatched(reference, small_data, tmp_path):
+    """fl.task_timeout_s: a task past it is a lost client; the hung actor is killed and replaced, the task
+    re-dispatched, and the run still reproduces the reference bit for bit."""
+    out, arm = tmp_path / "run", tmp_path / "arm"
+    arm.mkdir()
+    timeout = 5.0  # far above a task of this workload (< 1 s), far below "forever"
+    s = run_federated(
+        small_cfg(task_timeout_s=timeout),
+        seed=0,
+        out_dir=out,
+        data=small_data,
+        on_round=arm_after_round(arm, 1),
+        client_cls=make_hanging_client(arm),
+    )
+    recs = read_jsonl(out / "metrics.jsonl")
+    assert len(recs[1]["failed_clients"]) == 1 and recs[1]["lost_clients"] == []
+    assert all(r["num_updates"] == 5 for r in recs) and s["failed_clients"] == 1
+    events = read_jsonl(out / "events.jsonl")
+    assert [e["event"] for e in events] == ["task_timeout"]
+    assert events[0]["client"] == recs[1]["failed_clients"][0] and events[0]["seconds"] >= timeout
+    # the hung actor no longer holds its slot: two live actors, neither of them the victim, ran the later tasks
+    after = set((arm / "after").read_text().split())
+    assert len(after) == 2 and (arm / "victim").read_text() not in after
+    assert_same_weights(out, reference[0])
+
+
 def test_faults_without_retries_poisoned_client_and_dead_actor(tmp_path, ray_session):
     """client_retries=0: a killed actor's client is lost and the round aggregates the survivors; a client
     with poisoned (NaN) images sends a non-finite update every round and is rejected each time."""

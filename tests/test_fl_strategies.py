@@ -264,8 +264,12 @@ def test_gradient_diversity():
             g.add(T(v), float(torch.linalg.vector_norm(T(v))))
         return g.value()
 
+    # Yin et al. 2018: Σ‖Δ_i‖² / ‖ΣΔ_i‖², plain sums
     assert div([1.0, 0.0], [0.0, 1.0]) == pytest.approx(1.0)  # orthogonal: (1 + 1) / 2
-    assert div([1.0, 0.0], [1.0, 0.0]) == pytest.approx(0.5)  # identical: 2 / 4 = 1/n
+    assert div([3.0, 0.0], [0.0, 0.5]) == pytest.approx(1.0)  # orthogonal, any norms: 1
+    assert div([1.0, 0.0], [1.0, 0.0]) == pytest.approx(0.5)  # identical: 2 / 4 = 1/K
+    assert div([1.0, 2.0], [1.0, 2.0], [1.0, 2.0]) == pytest.approx(1 / 3)  # K = 3 identical: 1/K
+    assert div([1.0, 2.0]) == pytest.approx(1.0)  # one update
     assert div([2.0, 0.0], [-1.0, 0.0]) == pytest.approx(5.0)  # conflicting: (4 + 1) / 1
     assert div([1.0, 0.0], [-1.0, 0.0]) is None  # cancel out exactly
 
@@ -373,7 +377,8 @@ def test_checkpoint_commit_and_round_trip(tmp_path):
     c = load_checkpoint(tmp_path)
     assert c.round == 4 and c.global_state["w"].item() == 4.0 and len(c.metrics) == 4
     assert c.state["progress"]["cum_bytes"] == 4
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "round-000004"]
+    # the debris is gone; the previous checkpoint stays until the next commit
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "round-000002", "round-000004"]
 
 
 def test_updates_fold_in_sampled_order_whatever_the_arrival_order():

@@ -62,7 +62,10 @@ def run_isolated(
     for cid in todo:
         shard = ray.put((data.clients[cid][0].numpy(), data.clients[cid][1].numpy()))
         args = (x_ref, shard, test_ref, task_seed(seed, 0, cid), epochs)
-        tasks.append(Task(key=cid, method="fit_evaluate", args=args, client=cid))
+        size = len(
+            data.clients[cid][1]
+        )  # training time, so the task's deadline, grows with the client's data
+        tasks.append(Task(key=cid, method="fit_evaluate", args=args, client=cid, cost=size))
     for out in pool.run(tasks, retries=pool.max_replacements) if pool else ():
         if out.error:
             raise RuntimeError(f"isolated training of client {out.task.client} failed: {out.error}")

@@ -4,7 +4,7 @@ One run folder holds::
 
     run.json            seed, init weights, the config (a resume checks it is compatible)
     metrics.jsonl       one line per round (per client in isolated mode)
-    events.jsonl        actor deaths, rejected updates, skipped rounds
+    events.jsonl        actor deaths, hung tasks (past fl.task_timeout_s), rejected updates, skipped rounds
     checkpoint/         see gptfl_ray.fl.checkpoint
     state/              per-virtual-client strategy state (SCAFFOLD), versioned with the checkpoints
     final.safetensors   final global weights (a state dict of cfg.model)
@@ -25,16 +25,31 @@ import ray
 import torch
 
 from gptfl_ray.config import ConfigError, RunConfig, dump_config
-from gptfl_ray.fl.checkpoint import Checkpoint, latest_round, load_checkpoint, save_checkpoint
+from gptfl_ray.errors import InputError, InputNotFoundError
+from gptfl_ray.fl.checkpoint import (
+    Checkpoint,
+    check_checkpoint,
+    latest_round,
+    load_checkpoint,
+    save_checkpoint,
+)
 from gptfl_ray.fl.client import ClientSpec, FLClient
 from gptfl_ray.fl.data import FederatedData, prepare_federated_data
 from gptfl_ray.fl.flat import VectorLayout
 from gptfl_ray.fl.isolated import run_isolated
 from gptfl_ray.fl.metrics import Progress, summarize
-from gptfl_ray.fl.pool import ClientPool, actor_namespace
+from gptfl_ray.fl.pool import ClientPool, TaskDeadlines, actor_namespace
 from gptfl_ray.fl.server import FederatedServer
 from gptfl_ray.fl.strategies import Strategy, build_strategy
-from gptfl_ray.io import append_jsonl, atomic_write_json, load_weights, read_json, save_weights, write_jsonl
+from gptfl_ray.io import (
+    append_jsonl,
+    atomic_write_json,
+    check_weights,
+    load_weights,
+    read_json,
+    save_weights,
+    write_jsonl,
+)
 from gptfl_ray.models import build_model
 
 __all__ = ["FederatedData", "federate_command", "prepare_federated_data", "run_federated"]
@@ -55,6 +70,7 @@ RESUMABLE_FL_FIELDS = {
     "max_actor_replacements",
     "target_accuracy",
     "secagg_timeout_s",
+    "task_timeout_s",
 }
 
 
@@ -82,7 +98,7 @@ def run_federated(
     if resume:
         init_weights = _check_resume(out_dir, cfg, seed, init_weights)
     elif has_checkpoint:
-        raise ValueError(
+        raise InputError(
             f"{out_dir}: already holds an FL run with checkpoints; resume it (--resume) or choose another folder"
         )
     if not resume or (cfg.fl.mode == "federated" and not has_checkpoint):
@@ -160,6 +176,7 @@ class LazyPool:
                 max_replacements=fl.max_actor_replacements,
                 actor_cls=self.client_cls,
                 on_event=self.on_event,
+                deadlines=TaskDeadlines(fl.task_timeout_s),
             )
             self.pool.wait_ready()
         return self.pool
@@ -292,7 +309,7 @@ def _check_resume(out_dir: Path, cfg: RunConfig, seed: int, init_weights: Path |
     """The interrupted run's init weights; errors if seed or result-changing config differ."""
     meta_path = out_dir / RUN_META
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path}: not an FL run folder (nothing to resume)")
+        raise InputNotFoundError(f"{meta_path}: not an FL run folder (nothing to resume)")
     meta = read_json(meta_path)
     if meta["seed"] != seed:
         raise ConfigError(f"{out_dir}: the run used seed {meta['seed']}, not {seed}")
@@ -331,7 +348,7 @@ def _load_init(model: torch.nn.Module, path: Path, cfg: RunConfig) -> None:
             for what, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
             if items
         )
-        raise ValueError(f"{path}: weights do not fit model.name={cfg.model.name!r} ({detail})")
+        raise InputError(f"{path}: weights do not fit model.name={cfg.model.name!r} ({detail})")
     model.load_state_dict(state)
 
 
@@ -363,7 +380,7 @@ def federate_command(args) -> int:
         out_dir = Path(args.resume)
         meta_path = out_dir / RUN_META
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{meta_path}: not an FL run folder (nothing to resume)")
+            raise InputNotFoundError(f"{meta_path}: not an FL run folder (nothing to resume)")
         seed = args.seed if args.seed is not None else read_json(meta_path)["seed"]
     else:
         seed = args.seed if args.seed is not None else cfg.seeds[0]
@@ -371,7 +388,12 @@ def federate_command(args) -> int:
         out_dir = Path(args.output) if args.output else cfg.output_dir / f"{cfg.name}-fl-seed{seed}-{stamp}"
     init = Path(args.init) if args.init else None
     if init is not None and not init.is_file():
-        raise FileNotFoundError(f"{init}: --init weights file not found")
+        raise InputNotFoundError(f"{init}: --init weights file not found")
+    # Unreadable inputs (an empty or torn weights file, e.g. after a power loss) fail here, before any work.
+    if init is not None:
+        check_weights(init)
+    if args.resume:
+        check_checkpoint(out_dir / "checkpoint")
     print(f"FL run folder: {out_dir}", flush=True)
     data = prepare_federated_data(cfg, seed, getattr(args, "data_dir", None))
     s = run_federated(cfg, seed=seed, out_dir=out_dir, init_weights=init, resume=bool(args.resume), data=data)

@@ -57,7 +57,7 @@ from gptfl_ray.fl.client import FLClient, Shard
 from gptfl_ray.fl.server import RoundSum
 from gptfl_ray.fl.strategies import Strategy
 from gptfl_ray.labels.ring import Ring, dequantize, fixed_point_scale, quantize
-from gptfl_ray.labels.secagg import SecAggError
+from gptfl_ray.labels.secagg import SecAggError, threshold_count
 from gptfl_ray.labels.secagg_ray import SecAggHost, secure_sum
 
 if TYPE_CHECKING:
@@ -86,11 +86,6 @@ def check_secure_config(fl: FLConfig, strategy: Strategy) -> None:
         raise ConfigError(
             "fl.secure_aggregation: needs fl.clients_per_round >= 2 (the sum of one client is its update)"
         )
-
-
-def secagg_threshold(fraction: float, participants: int) -> int:
-    """Clients that must survive every SecAgg stage: ``ceil(fraction · participants)``, at least 2."""
-    return max(2, math.ceil(fraction * participants))
 
 
 # -------------------------------------------------------------------------------------------- codec
@@ -322,7 +317,7 @@ class SecureAggregation:
     def finish(self) -> RoundSum:
         fl, codec = self.server.fl, self.codec
         n = len(self.hosts)
-        threshold = secagg_threshold(fl.secagg_threshold, n)
+        threshold = threshold_count(fl.secagg_threshold, n, fl.secagg_allow_minority_threshold)
         info: dict[str, Any] = {
             "participants": n,
             "threshold": threshold,
@@ -342,6 +337,7 @@ class SecureAggregation:
                 ring=codec.ring,
                 session=SESSION,
                 timeout_s=fl.secagg_timeout_s,
+                allow_minority=fl.secagg_allow_minority_threshold,
             )
         except SecAggError as err:
             info.update(seconds=time.perf_counter() - t0, included=0)
@@ -385,5 +381,10 @@ class SecureAggregation:
         )
 
     def _replace_dead(self) -> None:
-        """Actors that died (or hung) during the protocol are replaced before the next round's dispatch."""
-        self.server.pool.replace_dead(self.server.fl.secagg_timeout_s)
+        """Actors that died (or hung) during the protocol are replaced before the next round's dispatch.
+
+        A healthy actor is idle now and answers the ping at once; one still busy after the stage deadline
+        (its clients already dropped) is hung and replaced."""
+        from gptfl_ray.fl.pool import PING_TIMEOUT_S
+
+        self.server.pool.replace_dead(min(self.server.fl.secagg_timeout_s, PING_TIMEOUT_S))

@@ -213,6 +213,7 @@ class FederatedServer:
                     ),
                 ),
                 client=cid,
+                cost=self.sizes[cid],  # training time, so the task's deadline, grows with the client's data
             )
             for i, cid in enumerate(sampled)
         ]

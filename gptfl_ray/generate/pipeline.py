@@ -7,7 +7,8 @@ Folder layout (``out_dir``)::
     shards/part-00000.parquet ...   rows [k·rows_per_shard, (k+1)·rows_per_shard), sorted by ``row``
     manifest.json           written last: counts per class, config hash, fallbacks, "complete": true
 
-A shard file exists only when complete (temp file + rename), and every sample is a pure function of its
+A shard file exists only when complete and on disk (``io.atomic_path``: temp file, fsync, rename, fsync of the
+folder; so after a power loss a shard is whole or absent, never empty), and every sample is a pure function of its
 prompt-table row, so an interrupted run is resumed by generating only the missing shards.
 """
 
@@ -26,6 +27,7 @@ import pyarrow.parquet as pq
 
 from gptfl_ray.config import GenerateConfig, RunConfig, config_hash
 from gptfl_ray.data.base import get_spec
+from gptfl_ray.errors import ConfigError, InputError, InputNotFoundError
 from gptfl_ray.generate.base import Generator, Target
 from gptfl_ray.generate.registry import get_generator
 from gptfl_ray.io import atomic_path, atomic_write_json, read_json
@@ -104,13 +106,13 @@ def read_labels_file(path: str | Path) -> list[str]:
     """``{"labels": [...]}`` written by ``gptfl collect-labels``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: labels file not found")
+        raise InputNotFoundError(f"{path}: labels file not found")
     try:
         labels = json.loads(path.read_text()).get("labels")
-    except (json.JSONDecodeError, AttributeError):
-        raise ValueError(f'{path}: not a labels file (expected JSON {{"labels": [...]}})') from None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise InputError(f'{path}: not a labels file (expected JSON {{"labels": [...]}})') from None
     if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
-        raise ValueError(f'{path}: "labels" must be a non-empty list of strings')
+        raise InputError(f'{path}: "labels" must be a non-empty list of strings')
     return labels
 
 
@@ -151,7 +153,7 @@ def _class_counts(cfg: RunConfig, names: list[str], data_dir: Any) -> list[int] 
     counts = dict(zip(train.label_names, train.class_counts().tolist(), strict=True))
     unknown = [n for n in names if n not in counts]
     if unknown:
-        raise ValueError(f"prompts.scale: labels {unknown} are not classes of {cfg.data.dataset}")
+        raise ConfigError(f"prompts.scale: labels {unknown} are not classes of {cfg.data.dataset}")
     return [counts[n] for n in names]
 
 
@@ -181,14 +183,10 @@ def _prompt_table(cfg: RunConfig, out_dir: Path, names: list[str], target: Targe
 def _expand(table: pa.Table, cfg: RunConfig, modality: str) -> pa.Table:
     import ray
 
-    from gptfl_ray.config import ConfigError
     from gptfl_ray.prompts.expand import FALLBACK_COLUMN, expand_prompts
+    from gptfl_ray.validate import check_expander_fits
 
-    if modality == "speech" and cfg.prompts.expander.backend != "templates":
-        raise ConfigError(
-            "prompts.expander.backend: speech generators speak the label text itself; LLM expansion "
-            "applies to image and audio prompts (use backend: templates)"
-        )
+    check_expander_fits(cfg, modality)
     if cfg.prompts.expander.backend == "templates":
         # Identity expansion (what expand_prompts does for "templates"), without a Ray Data job's
         # fixed start-up cost.
@@ -217,7 +215,7 @@ def _claim(out_dir: Path, cfg: RunConfig, chash: str, names: list[str]) -> None:
     if path.is_file() and started:
         old = read_json(path)
         if old.get("config_hash") != chash or old.get("label_names") != names:
-            raise ValueError(
+            raise InputError(
                 f"{out_dir}: holds a generation for another config or label set (config hash "
                 f"{old.get('config_hash')}, now {chash}); use another --output or delete the folder"
             )
@@ -231,7 +229,7 @@ def _complete_manifest(out_dir: Path, chash: str, names: list[str]) -> dict[str,
         return None
     manifest = read_json(path)
     if manifest.get("config_hash") != chash or manifest.get("label_names") != names:
-        raise ValueError(
+        raise InputError(
             f"{out_dir}: holds synthetic data for another config or label set (config hash "
             f"{manifest.get('config_hash')}, now {chash}); use another --output or delete the folder"
         )

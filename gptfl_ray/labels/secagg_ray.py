@@ -32,6 +32,8 @@ from gptfl_ray.labels.secagg import (
 
 log = logging.getLogger(__name__)
 
+DEFAULT_TIMEOUT_S = 600.0  # per-stage deadline when the caller gives none: no stage waits forever
+
 
 class SecAggHost:
     """Mixin for a Ray actor hosting many virtual clients' SecAgg states, keyed by client id."""
@@ -88,7 +90,7 @@ class SecAggHost:
             del states[key]
 
 
-def _gather(calls: dict[Any, Any], timeout_s: float | None, stage: str) -> dict[Any, Any]:
+def _gather(calls: dict[Any, Any], timeout_s: float, stage: str) -> dict[Any, Any]:
     """``ray.get`` each host's call. Hosts that died or missed the deadline are left out (their clients
     drop); an exception raised by host code is a bug or bad input and propagates."""
     import ray
@@ -125,7 +127,8 @@ def secure_sum(
     *,
     ring: Ring = DEFAULT_RING,
     session: str = "secagg",
-    timeout_s: float | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    allow_minority: bool = False,
 ) -> SecAggResult:
     """Secure sum of the vectors of clients ``hosts`` (cid -> the Ray actor hosting it).
 
@@ -134,7 +137,7 @@ def secure_sum(
     """
     import ray
 
-    params = SecAggParams(session, round_id, vector_len, threshold, ring)
+    params = SecAggParams(session, round_id, vector_len, threshold, ring, allow_minority)
     by_host: dict[Any, list[int]] = defaultdict(list)
     for cid, handle in sorted(hosts.items()):
         by_host[handle].append(cid)
