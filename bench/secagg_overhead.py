@@ -27,7 +27,6 @@ updates travel through the object store to the server, masked ones stay in the a
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import tempfile
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from gptfl_ray.labels.ring import Ring, decode_weighted, encode_weighted, fixed_point_scale
+from gptfl_ray.labels.secagg import threshold_count
 from gptfl_ray.labels.secagg_ray import SecAggHost, secure_sum
 
 
@@ -91,7 +91,8 @@ def run(ray, num_clients: int, args: argparse.Namespace) -> dict[str, float]:
         plain_times.append(time.perf_counter() - t0)
     plain_bytes = num_clients * (4 * args.params + 8)
 
-    threshold = max(1, math.ceil(args.threshold * num_clients))
+    minority = args.threshold <= 0.5  # the protocol refuses a minority threshold unless told it is meant
+    threshold = threshold_count(args.threshold, num_clients, allow_minority=minority)
     sec_times = []
     for r in range(args.rounds):
         t0 = time.perf_counter()
@@ -102,6 +103,7 @@ def run(ray, num_clients: int, args: argparse.Namespace) -> dict[str, float]:
             threshold=threshold,
             ring=ring,
             session="bench",
+            allow_minority=minority,
         )
         mean, _ = decode_weighted(result.total, ring, scale)
         sec_times.append(time.perf_counter() - t0)
@@ -162,6 +164,7 @@ def fl_run(num_clients: int, secure: bool, args: argparse.Namespace) -> dict[str
                 "secure_aggregation": secure,
                 "secagg_ring_bits": args.ring_bits,
                 "secagg_threshold": args.threshold,
+                "secagg_allow_minority_threshold": args.threshold <= 0.5,
             },
         }
     )

@@ -5,7 +5,10 @@ cluster runs exactly the code you have; Ray puts it first on the job's PYTHONPAT
 inside it under ``.gptfl-submit/`` wherever it lives locally (a sweep file takes its ``base`` run config
 along). The dashboard's token (Ray >= 2.52 token auth) is read from ``$RAY_AUTH_TOKEN``,
 ``$RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token`` - Ray's own lookup order - and sent as
-``Authorization: Bearer <token>`` on every request.
+``Authorization: Bearer <token>`` on every request. ``~/.ray/auth_token`` is this machine's own cluster's
+token: it is sent only to a loopback address (name the file in ``$RAY_AUTH_TOKEN_PATH`` to send it elsewhere).
+The job (code, config, token) never goes over plain ``http://`` to another host unless ``--insecure`` is given
+(see :mod:`gptfl_ray.transport`); a bare ``HOST:PORT`` means ``http://`` only for a loopback host.
 
     gptfl submit configs/mnist-glyphs.yaml --address http://127.0.0.1:8265 \\
         --set output_dir=/mnt/gptfl/runs --wait
@@ -31,8 +34,9 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import yaml
 
-from gptfl_ray.cli import UserError
 from gptfl_ray.config import read_yaml
+from gptfl_ray.errors import InputNotFoundError, UserError
+from gptfl_ray.transport import check_endpoint, retry_wait, url_is_loopback
 
 if TYPE_CHECKING:  # ray.job_submission pulls in requests/aiohttp: imported only when submitting
     from ray.job_submission import JobSubmissionClient
@@ -41,6 +45,7 @@ log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 AGENT_WAIT_S = 120  # how long a submission waits for a just-started head's job agent
+AGENT_RETRY_S = 2.0  # base wait between submissions while the job agent starts (jittered)
 # Where the config file sits inside the job's working dir (and so on the cluster, relative to the job's cwd).
 CONFIG_DIR_IN_JOB = ".gptfl-submit"
 # Top-level entries of the checkout that never travel (gitignored paths are skipped by Ray as well).
@@ -82,11 +87,12 @@ class JobRequest:
 
 
 # ------------------------------------------------------------------------------------ auth token
-def read_auth_token(env: Mapping[str, str] | None = None) -> str | None:
+def read_auth_token(env: Mapping[str, str] | None = None, address: str | None = None) -> str | None:
     """The Ray dashboard token, looked up the way Ray does (env var, token-path env var, ~/.ray/auth_token).
 
     Returns None when there is none (a cluster without token auth). A ``$RAY_AUTH_TOKEN_PATH`` that points
-    at a missing or empty file is an error, as it is for Ray.
+    at a missing or empty file is an error, as it is for Ray. ``~/.ray/auth_token`` (the local cluster's token)
+    is used only when ``address`` is None or a loopback address: it is never sent to a remote dashboard.
     """
     env = os.environ if env is None else env
     token = env.get("RAY_AUTH_TOKEN", "").strip()
@@ -101,9 +107,18 @@ def read_auth_token(env: Mapping[str, str] | None = None) -> str | None:
         return token
     home = Path(env["HOME"]) if env.get("HOME") else Path.home()
     path = home / ".ray" / "auth_token"
-    if path.is_file():
-        return path.read_text().strip() or None
-    return None
+    if not path.is_file():
+        return None
+    if address is not None and not url_is_loopback(address):
+        log.warning(
+            "not sending %s (this machine's own cluster token) to %s; to use it there, set "
+            "RAY_AUTH_TOKEN_PATH=%s",
+            path,
+            address,
+            path,
+        )
+        return None
+    return path.read_text().strip() or None
 
 
 def auth_headers(token: str | None) -> dict[str, str]:
@@ -165,7 +180,7 @@ def config_files(config_file: Path, sweep: bool = False) -> dict[str, str]:
         if isinstance(base, str) and base:
             base_path = config_file.parent / Path(base).expanduser()
             if not base_path.is_file():
-                raise FileNotFoundError(f"{config_file}: base {base}: run config not found")
+                raise InputNotFoundError(f"{config_file}: base {base}: run config not found")
             base_name = f"{config_file.stem}.base{base_path.suffix or '.yaml'}"
             files[base_name] = base_path.read_text()
             text = yaml.safe_dump({**raw, "base": base_name}, sort_keys=False)
@@ -192,7 +207,7 @@ def make_job_request(
     """Describe the Ray Job for ``gptfl run`` (or ``gptfl sweep``) on ``config``."""
     config_file = Path(config).expanduser().resolve()
     if not config_file.is_file():
-        raise FileNotFoundError(f"{config}: config file not found")
+        raise InputNotFoundError(f"{config}: config file not found")
     if not ((project_root / "gptfl_ray").is_dir() and (project_root / "pyproject.toml").is_file()):
         # An installed (non-editable) package would make site-packages the "project": refuse to upload that.
         raise UserError(
@@ -241,26 +256,49 @@ def staged_working_dir(job: JobRequest) -> Iterator[Path]:
 
 # -------------------------------------------------------------------------------------- cluster
 def normalize_address(address: str) -> str:
+    """``http(s)://HOST:PORT`` without a trailing slash; a bare ``HOST:PORT`` gets ``http://`` only when HOST is
+    loopback (elsewhere the user must choose: ``https://``, or ``http://`` with ``--insecure``)."""
     address = address.strip().rstrip("/")
     if not address:
         raise UserError("--address: empty (expected e.g. http://127.0.0.1:8265)")
     if "://" not in address:
+        if not url_is_loopback(f"http://{address}"):
+            raise UserError(
+                f"--address {address}: give the scheme: https://{address} (or http://{address} with --insecure)"
+            )
         address = f"http://{address}"
     if not address.startswith(("http://", "https://")):
         raise UserError(f"--address {address}: expected the dashboard's http(s)://HOST:PORT (e.g. port 8265)")
     return address
 
 
-def connect(address: str, token: str | None) -> JobSubmissionClient:
+def check_address(address: str, insecure: bool = False) -> str:
+    """The normalized dashboard URL; refuses plain http to a non-loopback host unless ``insecure``."""
+    address = normalize_address(address)
+    check_endpoint(
+        address,
+        field="--address",
+        secret="the job (code, config and Ray auth token)",
+        insecure=insecure,
+        opt_in="pass --insecure",
+    )
+    return address
+
+
+def connect(address: str, token: str | None, insecure: bool = False) -> JobSubmissionClient:
     """A job client for the dashboard at ``address``; unreachable or unauthorised -> one-line UserError."""
     import requests
     from ray.job_submission import JobSubmissionClient
 
-    address = normalize_address(address)
+    address = check_address(address, insecure)
     headers = auth_headers(token)
-    # Probe first with a timeout: the client itself would hang on a black-holed address.
+    # Probe first with a timeout: the client itself would hang on a black-holed address. Only the status is
+    # used: stream=True leaves the body unread, however large.
     try:
-        probe = requests.get(f"{address}/api/version", headers=headers, timeout=CONNECT_TIMEOUT_S)
+        with requests.get(
+            f"{address}/api/version", headers=headers, timeout=CONNECT_TIMEOUT_S, stream=True
+        ) as probe:
+            pass
     except requests.RequestException as err:
         raise UserError(
             f"cannot reach the Ray dashboard at {address} ({type(err).__name__}); is the cluster up and "
@@ -304,8 +342,9 @@ def submit(client: JobSubmissionClient, job: JobRequest) -> str:
                 # A head that has just started answers HTTP before its job agent registers ("No available
                 # agent to submit job"): wait for it, as a freshly created KubeRay cluster needs.
                 if "No available agent" in str(err) and time.monotonic() < deadline:
-                    log.info("the cluster's job agent is not up yet; retrying in 2 s")
-                    time.sleep(2)
+                    wait = retry_wait(1, AGENT_RETRY_S) or AGENT_RETRY_S  # constant base, jittered
+                    log.info("the cluster's job agent is not up yet; retrying in %.1f s", wait)
+                    time.sleep(wait)
                     continue
                 raise UserError(f"job submission failed: {_first_line(err)}") from None
 
@@ -340,6 +379,8 @@ def dashboard_link(address: str, submission_id: str) -> str:
 # ------------------------------------------------------------------------------------------ CLI
 def submit_command(args: Any) -> int:
     """``gptfl submit CONFIG --address URL [--sweep] [--wait] [--set K=V ...] [--extra-args ...]``."""
+    insecure = bool(getattr(args, "insecure", False))
+    address = check_address(args.address, insecure)  # before anything is imported, read or packed
     if not getattr(args, "verbose", False):
         import ray  # noqa: F401  (configures Ray's loggers, which we then quiet)
 
@@ -367,10 +408,9 @@ def submit_command(args: Any) -> int:
         extra_args=args.extra_args,
         name=name,
     )
-    token = read_auth_token()
-    client = connect(args.address, token)
+    token = read_auth_token(address=address)
+    client = connect(address, token, insecure)
     submission_id = submit(client, job)
-    address = normalize_address(args.address)
     ray_cli = "RAY_AUTH_MODE=token ray" if token else "ray"  # the ray CLI sends its token only in token mode
     print(f"submitted job {submission_id}: {job.entrypoint}")
     print(f"dashboard: {dashboard_link(address, submission_id)}")

@@ -393,6 +393,35 @@ def test_vllm_dockerfile_is_its_own_environment():
     assert "--no-deps ." in runs  # gptfl_ray without torch 2.11 / transformers 5
 
 
+@pytest.mark.parametrize(
+    "name", sorted(p.name for p in CLUSTER.glob("Dockerfile*") if not p.name.endswith(".dockerignore"))
+)
+def test_every_dockerfile_runs_as_a_numeric_non_root_user(name):
+    """The last USER is not root, and numeric (uid:gid) so that Kubernetes' runAsNonRoot can verify it."""
+    users = [a.split()[0] for i, a in dockerfile(name) if i == "USER"]
+    assert users, f"{name}: no USER instruction: the image runs as its base image's user (root for vLLM)"
+    uid, _, gid = users[-1].partition(":")
+    assert uid.isdigit() and int(uid) != 0 and (not gid or gid.isdigit()), (name, users[-1])
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.vllm"])
+def test_dockerfile_base_image_takes_a_documented_digest(name):
+    """Tag pinned; the digest is a build arg (empty default: none could be resolved offline) whose
+    documentation says how to fill it."""
+    steps = dockerfile(name)
+    (base,) = [a for i, a in steps if i == "FROM"]
+    digest_arg = re.search(r"\$\{(\w+_DIGEST)\}$", base).group(1)
+    assert arg_defaults(steps)[digest_arg] == ""
+    text = (CLUSTER / name).read_text()
+    assert f"--build-arg {digest_arg}=@sha256:<digest>" in text and "docker buildx imagetools inspect" in text
+
+
+def test_vllm_endpoint_refuses_to_run_as_root():
+    deployment, _ = load_all("vllm-serve.yaml")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["securityContext"]["runAsNonRoot"] is True
+
+
 def test_main_dockerfile_python_matches_vllm_image_python():
     """One Python minor version per Ray cluster: the main image is built for the vLLM image's Python."""
     main = arg_defaults(dockerfile("Dockerfile"))["PYTHON_TAG"]

@@ -6,10 +6,11 @@ import pytest
 import yaml
 
 from gptfl_ray.cli import main as cli_main
-from gptfl_ray.config import validate_config
+from gptfl_ray.config import ConfigError, validate_config
 from gptfl_ray.data import load_dataset
 from gptfl_ray.data.partition import partition
-from gptfl_ray.labels.collect import _ordered, collect_labels, secagg_threshold
+from gptfl_ray.labels.collect import _ordered, collect_labels
+from gptfl_ray.labels.secagg import threshold_count
 from tests.cli_output import error_lines
 
 
@@ -47,7 +48,7 @@ def test_collect_labels_matches_the_true_union_and_counts(ray_session, data_dir,
     assert result["client_counts"] == truth
     assert result["labels"] == [str(i) for i in range(10)]  # class-index order
     assert result["num_clients"] == result["num_included"] == 20 and result["dropped_clients"] == []
-    assert result["iblt"]["seed"] == 1 and result["secagg"]["threshold"] == secagg_threshold(0.6, 20) == 12
+    assert result["iblt"]["seed"] == 1 and result["secagg"]["threshold"] == threshold_count(0.6, 20) == 12
     assert json.loads(out_file.read_text()) == result
     # no actor left behind (ray.kill is asynchronous)
     deadline = time.monotonic() + 20
@@ -105,4 +106,16 @@ def test_label_order_and_threshold_rules():
     digits = [str(i) for i in range(10)]
     assert _ordered(["10", "2", "7"], [*digits, "10"]) == ["2", "7", "10"]  # class-index order
     assert _ordered(["zebra", "2", "apple"], digits) == ["2", "apple", "zebra"]  # not all dataset labels
-    assert [secagg_threshold(0.6, n) for n in (1, 2, 10, 11)] == [1, 2, 6, 7]
+    # at least 2, as in FL (the secure sum of one client's table is its label set), and a majority
+    assert [threshold_count(0.6, n) for n in (1, 2, 10, 11)] == [2, 2, 6, 7]
+
+
+def test_threshold_rules_are_checked_before_any_work(tmp_path):
+    """One client, or a threshold at or below half without the opt-in: a one-line error naming the field,
+    before Ray or the data are touched (no ray_session: a Ray start here would be a failure to fail fast)."""
+    with pytest.raises(ConfigError, match="partition.num_clients: private label collection needs at least 2"):
+        collect_labels(make_cfg(tmp_path, partition={"num_clients": 1}), seed=0)
+    with pytest.raises(ConfigError, match=r"labels\.secagg_threshold: must be > 0\.5"):
+        make_cfg(tmp_path, labels={"secagg_threshold": 0.5})
+    cfg = make_cfg(tmp_path, labels={"secagg_threshold": 0.5, "secagg_allow_minority_threshold": True})
+    assert threshold_count(cfg.labels.secagg_threshold, 20, cfg.labels.secagg_allow_minority_threshold) == 10

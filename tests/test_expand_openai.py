@@ -1,7 +1,9 @@
 """``openai`` backend against a local OpenAI-compatible server (POST /v1/chat/completions on 127.0.0.1).
 
 The server's behaviour is scripted per class so one table exercises every path: valid replies, a retryable
-503, timeouts, malformed 200 replies, a non-retryable 400, replies that miss the label, and duplicates.
+503, timeouts, malformed 200 replies, a non-retryable 400, replies that miss the label, and duplicates; a
+wrong API key gets 401 for every class. Most tests look at rows, so they lift the fallback cap
+(``max_fallback_fraction: 1``); the cap itself has its own tests.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ import pyarrow as pa
 import pytest
 
 from gptfl_ray.config import ExpanderConfig, PromptsConfig
+from gptfl_ray.errors import UserError
 from gptfl_ray.prompts import build_prompt_table, count_fallbacks, expand_prompts, expand_rows
 from gptfl_ray.prompts.backend_openai import MalformedReply, parse_chat_completion
+from gptfl_ray.prompts.expand import ExpansionFallbackError
+from gptfl_ray.transport import InsecureEndpointError
 
 TIMEOUT_S = 0.4
 RETRIES = 2
@@ -54,9 +59,11 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):  # keep pytest output clean
         pass
 
-    def _send(self, status: int, body: bytes) -> None:
+    def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
         try:
             self.send_response(status)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -81,7 +88,16 @@ class _Handler(BaseHTTPRequestHandler):
             srv.in_flight += counted
             srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
         try:
-            if label == "cat":  # valid, unique per row
+            if self.headers.get("Authorization") == "Bearer wrong-key":
+                self._send(401, b'{"error": {"message": "Incorrect API key provided"}}')
+            elif label == "wolf":  # 429 with a Retry-After, then fine
+                if attempt == 1:
+                    self._send(429, b'{"error": "slow down"}', {"Retry-After": "1"})
+                else:
+                    self._send(200, _reply(f"A grey wolf howls, take {seed}."))
+            elif label == "whale":  # a reply far over the client's cap
+                self._send(200, _reply("A whale. " * 200_000))
+            elif label == "cat":  # valid, unique per row
                 time.sleep(0.05)
                 self._send(200, _reply(f"A fluffy cat naps on a red sofa, take {seed}."))
             elif label == "dog":  # valid but identical every time -> only the first survives dedupe
@@ -126,7 +142,7 @@ def prompt_rows(labels=LABELS, n=4):
 def expander(server, **kw) -> ExpanderConfig:
     base = dict(backend="openai", model="fake-model", base_url=server.base_url, instruction=INSTRUCTION)
     base.update(timeout_s=TIMEOUT_S, retries=RETRIES, retry_backoff_s=0.05, max_concurrency=3, batch_size=8)
-    return ExpanderConfig(**{**base, **kw})
+    return ExpanderConfig(**{**base, "max_fallback_fraction": 1.0, **kw})
 
 
 def test_parse_chat_completion():
@@ -191,7 +207,7 @@ def test_openai_greedy_sends_no_seed_and_no_key_no_auth(server, monkeypatch):
     assert count_fallbacks(out) == 1
 
 
-def test_unreachable_endpoint_falls_back(monkeypatch):
+def test_unreachable_endpoint_fails_the_step_in_one_line(monkeypatch):
     import socket
 
     with socket.socket() as s:  # a port with nobody listening
@@ -199,8 +215,73 @@ def test_unreachable_endpoint_falls_back(monkeypatch):
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/v1"
     cfg = ExpanderConfig(backend="openai", model="m", base_url=url, retries=1, retry_backoff_s=0.01)
-    out = expand_rows(prompt_rows(["cat"], n=3), cfg)
+    with pytest.raises(ExpansionFallbackError) as err:
+        expand_rows(prompt_rows(["cat"], n=3), cfg)
+    msg = str(err.value)
+    assert isinstance(err.value, UserError) and "\n" not in msg
+    assert msg.startswith("prompts.expander.max_fallback_fraction: 3/3 prompts (100%) fell back")
+    assert f"endpoint {url}/chat/completions: connection error (ClientConnectorError) ×3" in msg
+    # explicitly allowed: the run goes on with the templates
+    out = expand_rows(prompt_rows(["cat"], n=3), cfg.model_copy(update={"max_fallback_fraction": 1.0}))
     assert count_fallbacks(out) == 3
+
+
+def test_wrong_key_401_fails_the_step_naming_endpoint_and_status(server, monkeypatch):
+    monkeypatch.setenv("GPTFL_TEST_KEY", "wrong-key")
+    cfg = expander(server, api_key_env="GPTFL_TEST_KEY", max_fallback_fraction=0.1)
+    with pytest.raises(ExpansionFallbackError) as err:
+        expand_rows(prompt_rows(["cat"], n=4), cfg)
+    msg = str(err.value)
+    assert "\n" not in msg and "4/4 prompts (100%)" in msg and "more than 0.1" in msg
+    assert f"endpoint {server.base_url}/chat/completions: HTTP 401 (not retried): " in msg
+    assert "Incorrect API key provided" in msg
+    assert sum(server.attempts.values()) == 4  # a 401 is not retried
+
+
+def test_fallback_cap_counts_validation_rejections_too(server):
+    """cat: 4 valid; frog: 4 replies that never name the class -> 4/8 fall back."""
+    rows = prompt_rows(["cat", "frog"], n=4)
+    assert (
+        count_fallbacks(expand_rows(rows, expander(server, max_fallback_fraction=0.5))) == 4
+    )  # 0.5: at the cap
+    with pytest.raises(ExpansionFallbackError, match=r"4/8 prompts \(50%\) .*rejected by validation .* ×4"):
+        expand_rows(rows, expander(server, max_fallback_fraction=0.4))
+
+
+def test_retry_after_is_honoured_and_big_replies_are_cut(server):
+    rows = prompt_rows(["wolf", "whale"], n=1)
+    t0 = time.perf_counter()
+    out = {r["label_name"]: r for r in expand_rows(rows, expander(server, timeout_s=5.0))}
+    assert time.perf_counter() - t0 >= 1.0  # Retry-After: 1 beats the 0.05 s backoff
+    assert not out["wolf"]["expansion_fallback"] and out["wolf"]["prompt"].startswith("A grey wolf howls")
+    assert out["whale"]["expansion_fallback"]  # ~2 MB reply: refused at the 1 MiB cap ...
+    assert server.attempts[("whale", rows[1]["seed"])] == 1  # ... and not retried
+
+
+def test_api_key_never_goes_over_plain_http_to_another_host(monkeypatch):
+    monkeypatch.setenv("GPTFL_TEST_KEY", "sk-secret")
+    rows = prompt_rows(["cat"], n=1)
+    remote = ExpanderConfig(
+        backend="openai", model="m", base_url="http://10.0.0.7:8000/v1", api_key_env="GPTFL_TEST_KEY"
+    )
+    with pytest.raises(
+        InsecureEndpointError, match=r"^prompts\.expander\.base_url http://10\.0\.0\.7:8000/v1/chat"
+    ):
+        expand_rows(rows, remote)  # before any request: nothing listens there
+    with pytest.raises(InsecureEndpointError, match=r"allow_insecure_http: true"):
+        from gptfl_ray.prompts.backend_openai import OpenAIPromptExpander
+
+        OpenAIPromptExpander(remote)  # the actor applies the same rule
+    monkeypatch.delenv("GPTFL_TEST_KEY")
+    from gptfl_ray.prompts.backend_openai import api_headers
+
+    assert api_headers(remote) == {}  # no key: nothing secret travels, plain http is fine
+    monkeypatch.setenv("GPTFL_TEST_KEY", "sk-secret")
+    for url in ("https://10.0.0.7/v1", "http://localhost:8000/v1", "http://[::1]:8000/v1"):
+        assert api_headers(remote.model_copy(update={"base_url": url})) == {
+            "Authorization": "Bearer sk-secret"
+        }
+    assert api_headers(remote.model_copy(update={"allow_insecure_http": True}))  # the explicit opt-in
 
 
 def test_openai_backend_in_ray_data_actor_pool(server, ray_session):
@@ -208,6 +289,8 @@ def test_openai_backend_in_ray_data_actor_pool(server, ray_session):
 
     rows = prompt_rows(["cat", "dog", "horse"], n=5)
     cfg = expander(server, batch_size=4, concurrency=1, num_cpus=0.5)
+    with pytest.raises(ExpansionFallbackError, match=r"9/15 .*malformed reply .* ×5; rejected by validation"):
+        expand_prompts(ray.data.from_items(rows), cfg.model_copy(update={"max_fallback_fraction": 0.5}))
     ds = expand_prompts(ray.data.from_items(rows), cfg)
     out = sorted(ds.take_all(), key=lambda r: (r["label"], r["index"]))
     assert len(out) == 15

@@ -55,10 +55,10 @@ def test_postprocess_success_and_error_rows():
         "generated_text": " A cat.",
     }
     ok = postprocess_row({**engine_output(data, columns=COLUMNS), ERROR_COLUMN: ""}, columns=COLUMNS)
-    assert ok == {**row, "raw_expansion": " A cat."}
+    assert ok == {**row, "raw_expansion": " A cat.", "expansion_error": None}
     # error rows bypass the processor's postprocess and arrive with every engine field
     failed = postprocess_row({**data, "messages": [], ERROR_COLUMN: "CUDA OOM"}, columns=COLUMNS)
-    assert failed == {**row, "raw_expansion": None}
+    assert failed == {**row, "raw_expansion": None, "expansion_error": "CUDA OOM"}
 
 
 def test_processor_wiring_against_ray_data_llm(tmp_path, ray_session):
@@ -94,7 +94,14 @@ def test_vllm_expansion_end_to_end(tmp_path, ray_session):
     model = str(build_tiny_causal_lm(tmp_path / "lm", hidden_size=128, num_attention_heads=2))
     rows = build_prompt_table(PromptsConfig(num_per_class=8), ["cat", "dog"], modality="image", label_text={})
     engine = {"max_model_len": 256, "gpu_memory_utilization": 0.2, "enforce_eager": True}
-    cfg = ExpanderConfig(backend="vllm", model=model, max_new_tokens=12, batch_size=8, engine_kwargs=engine)
+    cfg = ExpanderConfig(
+        backend="vllm",
+        model=model,
+        max_new_tokens=12,
+        batch_size=8,
+        engine_kwargs=engine,
+        max_fallback_fraction=1.0,  # a random tiny LM: most rows fall back
+    )
 
     def run():
         out = expand_prompts(ray.data.from_arrow(rows), cfg).take_all()

@@ -154,6 +154,10 @@ def test_config_rules():
         check_fl_config(small_cfg(strategy={"name": name}))
     with pytest.raises(ConfigError, match="secagg_ring_bits"):
         small_cfg(secagg_ring_bits=48)
+    # a threshold at or below half of the participants needs an explicit opt-in (README: threat model)
+    with pytest.raises(ConfigError, match=r"fl\.secagg_threshold: must be > 0\.5: .*secagg_allow_minority"):
+        small_cfg(secagg_threshold=0.5)
+    assert small_cfg(secagg_threshold=0.5, secagg_allow_minority_threshold=True).fl.secagg_threshold == 0.5
     assert secure_client_class(FLClient) is SecureFLClient
     with pytest.raises(TypeError, match="must subclass SecureFLClient"):
         secure_client_class(type("Custom", (FLClient,), {}))
@@ -294,11 +298,17 @@ def test_secure_fedavg_matches_plain_on_mnist(ray_session, data_dir, tmp_path, m
 
 def test_actor_death_after_key_sharing_is_recovered(ray_session, small_data, tmp_path, monkeypatch):
     """The actor hosting participant 0 dies at the masked-input stage of round 1: the survivors' sum is
-    applied (threshold 20 %: at least 2 of 10 must survive), the dead actor is replaced, round 2 runs with every client."""
+    applied (threshold 20 %, opted in below a majority: at least 2 of 10 must survive), the dead actor is replaced,
+    round 2 runs with every client."""
     dump = tmp_path / "dump"
     dump.mkdir()
     spy = ServerSpy(monkeypatch)
-    cfg = small_cfg(clients_per_round=10, secagg_threshold=0.2, min_clients_fraction=0.2)
+    cfg = small_cfg(
+        clients_per_round=10,
+        secagg_threshold=0.2,
+        secagg_allow_minority_threshold=True,
+        min_clients_fraction=0.2,
+    )
     run_federated(
         cfg, seed=0, out_dir=tmp_path / "run", data=small_data, client_cls=recording_client(dump, 1)
     )

@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -155,7 +156,7 @@ def test_missing_local_model_names_the_field(tmp_path):
 class GenerationService:
     """A local OpenAI-compatible image + speech service backed by the real offline generators."""
 
-    def __init__(self, fail_first: int = 0):
+    def __init__(self, fail_first: int = 0, retry_after: str | None = None):
         from gptfl_ray.generate.image_glyphs import GlyphImageGenerator
         from gptfl_ray.generate.speech_espeak import EspeakSpeechGenerator
 
@@ -166,8 +167,9 @@ class GenerationService:
         self.speech = EspeakSpeechGenerator(
             GenerateConfig(generator="espeak"), Target("speech", sample_rate=16000)
         )
-        self.fail_first = fail_first
+        self.fail_first, self.retry_after = fail_first, retry_after
         self.requests: list[dict] = []
+        self.times: list[float] = []  # monotonic arrival time of each request
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -187,8 +189,10 @@ class GenerationService:
         async def images(request):
             body = await request.json()
             self.requests.append(body)
+            self.times.append(time.monotonic())
             if len(self.requests) <= self.fail_first:
-                return web.Response(status=503, text="busy")
+                headers = {"Retry-After": self.retry_after} if self.retry_after else None
+                return web.Response(status=503, text="busy", headers=headers)
             if body.get("response_format") != "b64_json" or "prompt" not in body:
                 return web.Response(status=400, text="bad request")
             digit = body["prompt"].split()[-1]
@@ -273,3 +277,48 @@ def test_remote_speech_and_errors():
             bad(remote_batch(["a photo of a 1"]))
     with pytest.raises(ConfigError, match="generate.options.base_url"):
         RemoteGenerator(GenerateConfig(generator="remote", model_id="x"), Target("image", image_size=28))
+
+
+def test_remote_honours_retry_after_and_caps_replies():
+    from gptfl_ray.generate.remote import RemoteError, RemoteGenerator
+
+    service = GenerationService(fail_first=1, retry_after="1")
+    with service as url:
+        opts = {"base_url": url, "retries": 1}
+        gen = RemoteGenerator(
+            GenerateConfig(generator="remote", model_id="g", options=opts), Target("image", image_size=28)
+        )
+        gen(remote_batch(["a photo of a 4"]))
+        assert len(service.times) == 2 and service.times[1] - service.times[0] >= 1.0  # not the 0.5 s backoff
+        small = RemoteGenerator(  # a 1 s WAV is ~32 KB: over a 10 KB cap, and not retried
+            GenerateConfig(generator="remote", model_id="t", options={**opts, "max_reply_mb": 0.01}),
+            Target("speech", sample_rate=8000),
+        )
+        with pytest.raises(RemoteError, match=r"over the 10485-byte cap \(generate\.options\.max_reply_mb\)"):
+            small(remote_batch(["seven"]))
+    assert len(service.requests) == 3
+
+
+def test_remote_api_key_never_goes_over_plain_http_to_another_host(monkeypatch):
+    from gptfl_ray.generate.registry import get_generator
+    from gptfl_ray.generate.remote import RemoteGenerator
+
+    monkeypatch.setenv("GPTFL_TEST_KEY", "sk-secret")
+    opts = {"base_url": "http://gen.example.org:8000/v1", "api_key_env": "GPTFL_TEST_KEY"}
+    # on the driver, where the pipeline validates the options before Ray starts: one line naming the field
+    with pytest.raises(ConfigError, match=r"^generate\.options\.base_url: .*\$GPTFL_TEST_KEY would travel"):
+        get_generator("remote").parse_options(opts)
+    cfg = GenerateConfig(generator="remote", model_id="g", options={**opts, "allow_insecure_http": True})
+    gen = RemoteGenerator(cfg, Target("image", image_size=28))  # the explicit opt-in
+    assert gen.headers == {"Authorization": "Bearer sk-secret"}
+    with pytest.raises(ConfigError, match="allow_insecure_http: true"):  # the actor side, same rule
+        RemoteGenerator.__init__(
+            gen, cfg.model_copy(update={"options": opts}), Target("image", image_size=28)
+        )
+    for url in ("https://gen.example.org/v1", "http://127.0.0.1:8000/v1"):
+        get_generator("remote").parse_options({**opts, "base_url": url})
+    monkeypatch.delenv("GPTFL_TEST_KEY")
+    assert (
+        RemoteGenerator(cfg.model_copy(update={"options": opts}), Target("image", image_size=28)).headers
+        == {}
+    )

@@ -4,6 +4,7 @@ import time
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,7 +24,11 @@ from gptfl_ray.labels.secagg import (
     SecAggParams,
     SecAggServer,
     UnmaskShares,
+    _hkdf,
+    _pair_sign,
+    _share_point,
     secure_sum_local,
+    threshold_count,
 )
 from gptfl_ray.labels.secagg_ray import SecAggHost, secure_sum
 
@@ -162,9 +167,9 @@ def test_dropouts_beyond_threshold_fail_clearly():
         secure_sum_local(vectors, threshold=7, drop_at=dict.fromkeys(range(4), "unmask"))
 
 
-def run_manual(vectors, threshold, ring, session="t"):
+def run_manual(vectors, threshold, ring, session="t", allow_minority=False):
     """Drive the state machines by hand; returns (clients, server, inboxes, masked inputs the server saw)."""
-    params = SecAggParams(session, 0, len(next(iter(vectors.values()))), threshold, ring)
+    params = SecAggParams(session, 0, len(next(iter(vectors.values()))), threshold, ring, allow_minority)
     clients = {c: SecAggClient(c, params) for c in vectors}
     server = SecAggServer(params)
     roster = server.collect_keys({c: cl.advertise_keys() for c, cl in clients.items()})
@@ -210,6 +215,69 @@ def test_clients_never_reveal_both_secrets_of_one_client():
     assert np.array_equal(server.unmask(responses).total, plain_sum(Ring.bits(64), vectors, range(6)))
 
 
+def test_threshold_count_is_a_majority_of_at_least_two():
+    assert [threshold_count(0.6, n) for n in (1, 2, 3, 10, 11)] == [2, 2, 2, 6, 7]
+    assert threshold_count(0.7, 10) == 7  # 0.7 · 10 = 7.000000000000001 in floating point
+    # the rounding can never leave t <= |U|/2 ...
+    assert all(2 * threshold_count(f, n) > n for f in (0.01, 0.5, 0.5000001, 0.6) for n in range(1, 40))
+    # ... unless the caller opts out (still at least 2)
+    assert threshold_count(0.5, 10, allow_minority=True) == 5
+    assert threshold_count(0.01, 10, allow_minority=True) == 2
+
+
+def test_minority_threshold_is_refused_by_server_and_clients():
+    vectors = random_vectors(Ring.bits(64), 6, 10)
+    params = SecAggParams("t", 0, 10, 3)  # 2·3 <= 6
+    clients = {c: SecAggClient(c, params) for c in vectors}
+    keys = {c: cl.advertise_keys() for c, cl in clients.items()}
+    with pytest.raises(SecAggError, match="threshold 3 is not more than half of the 6 clients"):
+        SecAggServer(params).collect_keys(keys)
+    with pytest.raises(SecAggError, match="client 0: threshold 3 is not more than half"):
+        clients[0].share_keys(keys)  # a client checks the roster it is sent, whatever the server did
+    result = secure_sum_local(vectors, threshold=3, allow_minority=True, drop_at={5: "masked_input"})
+    assert np.array_equal(result.total, plain_sum(Ring.bits(64), vectors, range(5)))
+
+
+def _unmask_client0(ring, vectors, params, roster, y0, seed_from, key_from):
+    """What a server can rebuild of client 0's input from reveals it got by lying about U3 (see below)."""
+    b0 = shamir.combine({_share_point(c): r.seed_shares[0] for c, r in seed_from.items()}, params.threshold)
+    s0 = shamir.combine(
+        {_share_point(c): r.mask_key_shares[0] for c, r in key_from.items()}, params.threshold
+    )
+    sk = X25519PrivateKey.from_private_bytes(s0)
+    x = ring.sub(ring.check(y0), ring.random(b0, 10))
+    for v in sorted(set(vectors) - {0}):
+        shared = sk.exchange(X25519PublicKey.from_public_bytes(roster[v].mask_key))
+        mask = ring.random(_hkdf(shared, b"mask", params.context), 10)
+        x = (ring.sub if _pair_sign(0, v) > 0 else ring.add)(x, mask)
+    return x
+
+
+def test_different_survivor_lists_unmask_a_client_only_below_a_majority():
+    """The attack the majority rule stops: the server tells clients 1-3 "0 survived" (they reveal b_0 shares)
+    and clients 4-6 "0 dropped" (they reveal s_0 shares). With t = 3 of 7 it rebuilds both secrets and
+    unmasks client 0's input; client 0 itself refuses the list that leaves it out."""
+    ring = Ring.bits(64)
+    vectors = random_vectors(ring, 7, 10)
+    for threshold, allow in ((3, True), (4, False)):
+        params, clients, server, inboxes = run_manual(vectors, threshold, ring, allow_minority=allow)
+        roster = server.roster
+        masked = {c: clients[c].masked_input(inboxes[c], vectors[c]) for c in clients}
+        with pytest.raises(SecAggError, match="client 0: the survivor list leaves out this client"):
+            clients[0].unmask([1, 2, 3, 4, 5, 6])
+        seed_from = {c: clients[c].unmask(list(range(7))) for c in (1, 2, 3)}
+        key_from = {c: clients[c].unmask([1, 2, 3, 4, 5, 6]) for c in (4, 5, 6)}
+        for c in (1, 4):  # each client answers once: no peer gets both its shares from one client
+            with pytest.raises(SecAggError, match="out of order"):
+                clients[c].unmask(list(range(7)))
+        if allow:
+            x0 = _unmask_client0(ring, vectors, params, roster, masked[0], seed_from, key_from)
+            assert np.array_equal(x0, vectors[0])  # why minority thresholds need an explicit opt-in
+        else:
+            with pytest.raises(shamir.ShamirError, match="fewer than the threshold 4"):
+                _unmask_client0(ring, vectors, params, roster, masked[0], seed_from, key_from)
+
+
 def test_tampered_or_misrouted_share_ciphertext_is_rejected():
     vectors = random_vectors(Ring.bits(64), 5, 10)
     _, clients, _, inboxes = run_manual(vectors, 3, Ring.bits(64))
@@ -228,7 +296,7 @@ def test_tampered_or_misrouted_share_ciphertext_is_rejected():
 def test_tampered_unmask_share_is_detected():
     ring = Ring.bits(64)
     vectors = random_vectors(ring, 6, 10)
-    _, clients, server, inboxes = run_manual(vectors, 3, ring)
+    _, clients, server, inboxes = run_manual(vectors, 4, ring)
     for c in range(5):  # client 5 drops after key sharing
         server.add_masked_input(c, clients[c].masked_input(inboxes[c], vectors[c]))
     survivors = server.close_masked_inputs()
@@ -326,7 +394,17 @@ def test_ray_secure_sum_with_hosts_dying_or_stalling_after_key_sharing(ray_sessi
     layout = [range(0, 5), range(5, 9), range(9, 12), range(12, 14)]
     behaviour = {"1": {"die_in": "masked_input"}, "2": {"refuse": [10]}, "3": {"die_in": "stall"}}
     hosts, owner = start_hosts(ray, vectors, layout, **behaviour)
-    result = secure_sum(owner, round_id=3, vector_len=5000, threshold=7, ring=ring, session="t", timeout_s=15)
+    # 7 of 14 survive: below a majority, so this dropout test opts out of the majority rule
+    result = secure_sum(
+        owner,
+        round_id=3,
+        vector_len=5000,
+        threshold=7,
+        ring=ring,
+        session="t",
+        timeout_s=15,
+        allow_minority=True,
+    )
     assert result.included == [0, 1, 2, 3, 4, 9, 11]
     assert result.dropped == [5, 6, 7, 8, 10, 12, 13]
     assert np.array_equal(result.total, plain_sum(ring, vectors, result.included))

@@ -33,6 +33,7 @@ from gptfl_ray.config import ConfigError
 from gptfl_ray.submit import (
     CONFIG_DIR_IN_JOB,
     build_entrypoint,
+    check_address,
     config_files,
     connect,
     dashboard_link,
@@ -83,6 +84,53 @@ def test_token_lookup_follows_rays_order(tmp_path):
     assert read_auth_token({"HOME": str(tmp_path / "nobody")}) is None
     with pytest.raises(UserError, match="RAY_AUTH_TOKEN_PATH"):
         read_auth_token({"HOME": str(home), "RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")})
+
+
+def test_local_token_file_stays_on_this_machine(tmp_path):
+    """~/.ray/auth_token is the local cluster's token: sent to a loopback dashboard only, unless named."""
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("local-token\n")
+    env = {"HOME": str(home)}
+    for remote in ("https://ray.example.org:8265", "http://10.0.0.7:8265"):
+        assert read_auth_token(env, address=remote) is None
+    for local in ("http://127.0.0.1:8265", "http://localhost:8265", "http://[::1]:8265"):
+        assert read_auth_token(env, address=local) == "local-token"
+    asked = {**env, "RAY_AUTH_TOKEN_PATH": str(home / ".ray" / "auth_token")}  # named explicitly: sent
+    assert read_auth_token(asked, address="https://ray.example.org:8265") == "local-token"
+    assert read_auth_token({**env, "RAY_AUTH_TOKEN": "t"}, address="https://ray.example.org") == "t"
+
+
+def test_plain_http_to_another_host_needs_insecure(tmp_path, capsys):
+    """Checked before any request or upload (nothing listens at 10.0.0.7: a request would hang, not fail)."""
+    assert check_address("http://127.0.0.1:8265") == "http://127.0.0.1:8265"
+    assert check_address("https://ray.example.org:8265/") == "https://ray.example.org:8265"
+    assert check_address("http://10.0.0.7:8265", insecure=True) == "http://10.0.0.7:8265"
+    with pytest.raises(UserError, match=r"^--address http://10\.0\.0\.7:8265: the job .* --insecure\)$"):
+        connect("http://10.0.0.7:8265", "token")
+    with pytest.raises(UserError, match=r"--address ray\.example\.org:8265: give the scheme: https://"):
+        normalize_address("ray.example.org:8265")  # a bare remote host no longer means http://
+    config = tmp_path / "c.yaml"
+    config.write_text("name: c\nprompts: {num_per_class: 2}\n")  # a valid run config
+    assert cli.main(["submit", str(config), "--address", "http://10.0.0.7:8265"]) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and err[0].startswith("gptfl submit: error: --address http://10.0.0.7:8265: ")
+
+
+def test_submit_does_not_judge_the_cluster_s_keys_by_this_environment(tmp_path, capsys, monkeypatch):
+    """A job's API keys come from the cluster's environment: a key set here does not make an in-cluster http://
+    endpoint an error at submit time (the job applies the key rule where it runs)."""
+    monkeypatch.setenv("GPTFL_TEST_KEY", "sk-local")
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "name: c\nprompts:\n  num_per_class: 2\n  expander:\n    backend: openai\n    model: m\n"
+        "    base_url: http://llm.cluster.svc:8000/v1\n    api_key_env: GPTFL_TEST_KEY\n"
+    )
+    assert cli.main(["generate", str(config)]) == 2  # run here, the local key would travel in clear text
+    assert "GPTFL_TEST_KEY" in error_lines(capsys.readouterr().err)[0]
+    assert cli.main(["submit", str(config), "--address", "http://10.0.0.7:8265"]) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and err[0].startswith("gptfl submit: error: --address http://10.0.0.7:8265: ")
 
 
 def test_entrypoint_is_a_valid_quoted_gptfl_command():
@@ -172,7 +220,7 @@ def test_unreachable_address_is_one_line_error_naming_it(tmp_path, capsys):
     with pytest.raises(UserError, match=address):
         connect(address, None)
     config = tmp_path / "c.yaml"
-    config.write_text("name: c\n")
+    config.write_text("name: c\nprompts: {num_per_class: 2}\n")  # a valid run config: the address fails
     assert cli.main(["submit", str(config), "--address", address]) == 2
     err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and address in err[0] and err[0].startswith("gptfl submit: error:")

@@ -4,9 +4,11 @@ Speaks the OpenAI-compatible APIs that image and speech servers implement: ``POS
 generations`` (``response_format: b64_json``) for images, ``POST {base_url}/audio/speech`` (WAV body) for
 speech and audio. The row's ``seed`` and ``guidance_scale`` are sent as extra fields, which servers that
 support them (diffusers/vLLM-style servers) honour and others ignore. Requests run concurrently
-(``max_concurrency``) with a per-request timeout and exponential-backoff retries on timeouts, connection
-errors and 408/429/5xx; a sample that still fails fails the batch (there is no fallback sample to invent),
-and a rerun resumes from the finished shards.
+(``max_concurrency``) with a per-request timeout and jittered exponential-backoff retries (``Retry-After``
+honoured) on timeouts, connection errors and 408/429/5xx; a sample that still fails fails the batch (there
+is no fallback sample to invent), and a rerun resumes from the finished shards. Replies above
+``max_reply_mb`` are refused; the API key is never sent over plain http:// to another host unless
+``allow_insecure_http`` (rules: :mod:`gptfl_ray.transport`).
 """
 
 from __future__ import annotations
@@ -15,24 +17,38 @@ import asyncio
 import base64
 import io
 import json
-import os
 from typing import Any, Literal
 
 import numpy as np
 import soundfile as sf
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from gptfl_ray.config import ConfigError
 from gptfl_ray.data.audio import resample
+from gptfl_ray.errors import shorten
 from gptfl_ray.generate.base import Generator, GeneratorOptions, encode_png, to_task_image
 from gptfl_ray.generate.registry import register
+from gptfl_ray.transport import (
+    RETRYABLE_STATUS,
+    InsecureEndpointError,
+    ReplyTooLarge,
+    bearer_headers,
+    read_capped,
+    retry_wait,
+)
 
-RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+RETRY_BACKOFF_S = 0.5
+KEY_FIELD = "generate.options.base_url"
+KEY_OPT_IN = "set generate.options.allow_insecure_http: true"
 
 
 class RemoteOptions(GeneratorOptions):
-    base_url: str | None = None  # e.g. http://gen-server:8000/v1; required
     api_key_env: str = "OPENAI_API_KEY"  # sent as a Bearer token when the variable is set
+    # Allow sending that key over plain http:// to a host other than this machine.
+    allow_insecure_http: bool = False
+    base_url: str | None = None  # e.g. http://gen-server:8000/v1; required
+    max_reply_mb: float = Field(64.0, gt=0)  # a larger reply fails the request (not retried)
     size: str | None = None  # images: requested "WxH"; default: the server's
     voices: list[str] = Field(default_factory=list)  # speech: one drawn per sample; empty = server default
     extra_body: dict[str, Any] = Field(default_factory=dict)  # merged into every request
@@ -40,6 +56,23 @@ class RemoteOptions(GeneratorOptions):
     retries: int = Field(3, ge=0)
     max_concurrency: int = Field(4, gt=0)
     audio_modality: Literal["speech", "audio"] = "speech"  # audio tasks: prompts for TTS or for sound
+
+    @field_validator("base_url")
+    @classmethod
+    def _key_rule(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """The key rule on the driver, before any actor starts (the actor applies it again)."""
+        if value and value.startswith(("http://", "https://")):
+            try:
+                bearer_headers(
+                    value,
+                    info.data.get("api_key_env", "OPENAI_API_KEY"),
+                    field=KEY_FIELD,
+                    insecure=info.data.get("allow_insecure_http", False),
+                    opt_in=KEY_OPT_IN,
+                )
+            except InsecureEndpointError as err:  # parse_options names the field itself
+                raise PydanticCustomError("insecure_url", str(err).removeprefix(f"{KEY_FIELD} ")) from None
+        return value
 
 
 class RemoteError(RuntimeError):
@@ -78,8 +111,9 @@ class RemoteGenerator(Generator):
         self.url = o.base_url.rstrip("/") + (
             "/images/generations" if self.kind == "image" else "/audio/speech"
         )
-        key = os.environ.get(o.api_key_env)
-        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.headers = bearer_headers(
+            self.url, o.api_key_env, field=KEY_FIELD, insecure=o.allow_insecure_http, opt_in=KEY_OPT_IN
+        )
 
     def generate(self, batch):
         rows = [
@@ -130,18 +164,30 @@ class RemoteGenerator(Generator):
         import aiohttp
 
         o: RemoteOptions = self.options  # type: ignore[assignment]
+        limit = int(o.max_reply_mb * 2**20)
         last = ""
+        retry_after: str | None = None
         for attempt in range(o.retries + 1):
             if attempt:
-                await asyncio.sleep(min(30.0, 0.5 * 2 ** (attempt - 1)))
+                wait = retry_wait(attempt, RETRY_BACKOFF_S, retry_after)
+                if wait is None:
+                    last += f" (Retry-After {retry_after!r}: too long to wait)"
+                    break
+                await asyncio.sleep(wait)
+            retry_after = None
             try:
                 async with session.post(self.url, json=body) as resp:
-                    data = await resp.read()
+                    data = await read_capped(resp, limit)
                     if resp.status == 200:
                         return data
-                    last = f"HTTP {resp.status}: {data[:200].decode(errors='replace')}"
+                    text = " ".join(data[:400].decode(errors="replace").split())
+                    last = f"HTTP {resp.status}: {shorten(text, 160)}"
+                    retry_after = resp.headers.get("Retry-After")
                     if resp.status not in RETRYABLE_STATUS:
                         break
+            except ReplyTooLarge as err:
+                last = f"{err} (generate.options.max_reply_mb)"
+                break
             except (aiohttp.ClientError, asyncio.TimeoutError) as err:
                 last = f"{type(err).__name__}: {err}"
         raise RemoteError(f"remote generator: {self.url} failed for seed {body.get('seed')}: {last}")

@@ -11,16 +11,16 @@ client counts. Writes ``labels.json`` (read by the prompt stage)::
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gptfl_ray.config import RunConfig
+from gptfl_ray.config import ConfigError, RunConfig
 from gptfl_ray.io import atomic_write_json
 from gptfl_ray.labels.iblt import IBLT, IBLTDecodeError
+from gptfl_ray.labels.secagg import threshold_count
 from gptfl_ray.labels.secagg_ray import SecAggHost, secure_sum
 from gptfl_ray.paths import ENV_VAR
 from gptfl_ray.paths import data_dir as resolve_data_dir
@@ -57,10 +57,6 @@ class LabelClientHost(SecAggHost):
         return self._iblt.encode(self._labels[cid])
 
 
-def secagg_threshold(fraction: float, num_clients: int) -> int:
-    return max(1, math.ceil(fraction * num_clients))
-
-
 def _start_hosts(
     cfg: RunConfig, seed: int, data_dir: str | None, iblt: IBLT
 ) -> tuple[list[Any], dict[int, Any]]:
@@ -72,10 +68,21 @@ def _start_hosts(
         actor_cls.options(name=f"label-client-{i}", num_cpus=cfg.fl.actor_num_cpus).remote()
         for i in range(num_hosts)
     ]
+    deadline = (
+        cfg.labels.secagg_timeout_s
+    )  # loading a client's data counts as one stage: no wait is open-ended
     try:
         ids = ray.get(
-            [h.setup.remote(cfg, seed, data_dir, i, num_hosts, iblt.describe()) for i, h in enumerate(hosts)]
+            [h.setup.remote(cfg, seed, data_dir, i, num_hosts, iblt.describe()) for i, h in enumerate(hosts)],
+            timeout=deadline,
         )
+    except ray.exceptions.GetTimeoutError:
+        for h in hosts:
+            ray.kill(h)
+        raise TimeoutError(
+            f"label collection: the client hosts did not load their data within {deadline:g} s "
+            "(labels.secagg_timeout_s)"
+        ) from None
     except (
         ray.exceptions.RayTaskError
     ) as err:  # bad data/partition config: surface the original one-line error
@@ -102,6 +109,11 @@ def collect_labels(
     from gptfl_ray.data.registry import label_names
 
     lc = cfg.labels
+    if cfg.partition.method != "natural" and cfg.partition.num_clients < 2:
+        raise ConfigError(
+            "partition.num_clients: private label collection needs at least 2 clients "
+            "(the secure sum of one client's table is that client's labels)"
+        )
     data_dir = cfg.data_dir or data_dir or os.environ.get(ENV_VAR)  # the project-wide precedence
     if cfg.data.root is None:
         data_dir = str(resolve_data_dir(data_dir))  # fail here, in one line, when no data dir is known
@@ -111,7 +123,7 @@ def collect_labels(
     try:
         hosts, clients = _start_hosts(cfg, seed, str(data_dir) if data_dir else None, iblt)
         num_clients = len(clients)
-        threshold = secagg_threshold(lc.secagg_threshold, num_clients)
+        threshold = threshold_count(lc.secagg_threshold, num_clients, lc.secagg_allow_minority_threshold)
         log.info(
             "collecting labels from %d clients on %d actors (threshold %d)",
             num_clients,
@@ -126,6 +138,7 @@ def collect_labels(
             ring=iblt.ring,
             session=SESSION,
             timeout_s=lc.secagg_timeout_s,
+            allow_minority=lc.secagg_allow_minority_threshold,
         )
     finally:
         for h in hosts:

@@ -17,11 +17,25 @@ Rounds (names follow the paper):
 Every server stage needs at least ``threshold`` clients; fewer raises :class:`SecAggError` and no sum is
 revealed. The server only ever accumulates masked vectors: it never holds an unmasked individual input.
 All arithmetic is in a :class:`~gptfl_ray.labels.ring.Ring` (``Z_{2^64}`` by default).
+
+Threat model: an honest-but-curious server (it follows the protocol and tries to learn from what it sees).
+Two client-side rules bound what a server that lies about the survivor list ``U3`` can get:
+
+- the threshold must exceed half of the roster (``2t > |U1|``; :func:`threshold_count`, checked by every
+  client and the server) unless ``allow_minority`` is set. Each client answers ``unmask`` once, so a server
+  that tells some clients "v survived" (getting ``b_v`` shares) and others "v dropped" (getting ``s_v``
+  shares) collects at most ``|U2|`` shares in all: reaching ``t`` of both would need ``2t <= |U2|``.
+- a client that sent its masked input refuses an ``unmask`` request whose survivor list leaves it out: it
+  would reveal its own share of ``s_u`` after its masked ``y_u`` is in the server's hands.
+
+There is no defence against a server that adds clients of its own (Sybils) or against colluding clients
+beyond ``t - 1``; that is the malicious-server variant of the paper (signatures, a consistency round).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import struct
@@ -35,6 +49,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from gptfl_ray.errors import UserError
 from gptfl_ray.labels import shamir
 from gptfl_ray.labels.ring import Ring
 
@@ -47,8 +62,10 @@ _ID = struct.Struct(">QQ")  # (sender, recipient) inside every share ciphertext
 _NONCE = 12
 
 
-class SecAggError(ValueError):
-    """Secure aggregation cannot complete (too few clients, tampered messages); no sum is revealed."""
+class SecAggError(UserError, ValueError):
+    """Secure aggregation cannot complete (too few clients, tampered messages); no sum is revealed.
+
+    An expected outcome of a run, not a bug: the CLI shows it as one line."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +77,7 @@ class SecAggParams:
     vector_len: int
     threshold: int
     ring: Ring = DEFAULT_RING
+    allow_minority: bool = False  # accept 2·threshold <= roster size (see the module's threat model)
 
     def __post_init__(self) -> None:
         if self.vector_len <= 0:
@@ -138,6 +156,21 @@ def _share_point(cid: int) -> int:
     return cid + 1  # Shamir x-coordinate; 0 is where the secret lives
 
 
+def threshold_count(fraction: float, participants: int, allow_minority: bool = False) -> int:
+    """Clients that must survive every stage: ``ceil(fraction · participants)``, at least 2 (the sum of one
+    client is its input) and, unless ``allow_minority``, more than half of ``participants``."""
+    t = max(2, math.ceil(round(fraction * participants, 9)))  # round: 0.7 · 10 is 7.000000000000001
+    return t if allow_minority else max(t, participants // 2 + 1)
+
+
+def _check_majority(params: SecAggParams, roster_size: int, who: str) -> None:
+    if not params.allow_minority and 2 * params.threshold <= roster_size:
+        raise SecAggError(
+            f"{who}: threshold {params.threshold} is not more than half of the {roster_size} clients: a server "
+            "that sends clients different survivor lists could unmask a client's input (allow_minority to accept)"
+        )
+
+
 def _need(n: int, threshold: int, stage: str) -> None:
     if n < threshold:
         raise SecAggError(
@@ -185,6 +218,7 @@ class SecAggClient:
         if roster.get(self.cid) != self._keys:
             raise SecAggError(f"client {self.cid}: the roster does not carry this client's own keys")
         _need(len(roster), p.threshold, "share_keys")
+        _check_majority(p, len(roster), f"client {self.cid}")
         keys = [k for pk in roster.values() for k in (pk.enc_key, pk.mask_key)]
         if len(set(keys)) != len(keys):
             raise SecAggError(f"client {self.cid}: duplicate public keys in the roster")
@@ -251,11 +285,21 @@ class SecAggClient:
         self._held_seed[sender] = shamir.share_from_bytes(body[s:])
 
     def unmask(self, survivors: Sequence[int]) -> UnmaskShares:
-        """Round 3: shares of ``b_v`` for survivors, of ``s_v`` for clients that dropped after key sharing."""
+        """Round 3: shares of ``b_v`` for survivors, of ``s_v`` for clients that dropped after key sharing.
+
+        Answered once (a second request is out of order), so no peer ever gets both its shares revealed by
+        this client; a survivor list without this client is refused: it sent its masked input, and revealing
+        its own ``s_u`` share would help unmask it.
+        """
         self._advance(3)
         u3 = set(survivors)
         if not u3 <= self._u2:
             raise SecAggError(f"client {self.cid}: survivor list names clients that never shared keys")
+        if self.cid not in u3:
+            raise SecAggError(
+                f"client {self.cid}: the survivor list leaves out this client, which sent its masked input; "
+                "refusing to reveal its own mask-key share"
+            )
         _need(len(u3), self.params.threshold, "unmask")
         return UnmaskShares(
             cid=self.cid,
@@ -290,6 +334,7 @@ class SecAggServer:
             self.stats.bytes_in["advertise_keys"] += pk.nbytes
         self._roster = dict(sorted(keys.items()))
         _need(len(self._roster), self.params.threshold, "advertise_keys")
+        _check_majority(self.params, len(self._roster), "secure aggregation")
         self.stats.bytes_out["advertise_keys"] += len(self._roster) * sum(pk.nbytes for pk in keys.values())
         return self.roster
 
@@ -391,6 +436,7 @@ def secure_sum_local(
     drop_at: Mapping[int, str] | None = None,
     session: str = "local",
     round_id: int = 0,
+    allow_minority: bool = False,
 ) -> SecAggResult:
     """Run the whole protocol in-process (tests, single-machine use).
 
@@ -404,7 +450,7 @@ def secure_sum_local(
     if not vectors:
         raise ValueError("secure_sum_local: no client vectors")
     vector_len = len(next(iter(vectors.values())))
-    params = SecAggParams(session, round_id, vector_len, threshold, ring)
+    params = SecAggParams(session, round_id, vector_len, threshold, ring, allow_minority)
 
     def alive(cid: int, stage: str) -> bool:
         return cid not in drop_at or STAGES.index(stage) < STAGES.index(drop_at[cid])

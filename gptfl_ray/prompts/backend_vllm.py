@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
+from gptfl_ray.errors import ConfigError
+
 if TYPE_CHECKING:
     import ray.data
 
@@ -28,7 +30,7 @@ def _processor_api() -> tuple[Any, Any]:
             from ray.data.llm import build_llm_processor as build_processor
             from ray.data.llm import vLLMEngineProcessorConfig
         except ImportError as err:
-            raise ValueError(
+            raise ConfigError(
                 f"prompts.expander.backend: 'vllm' needs ray.data.llm (ray[llm] >= 2.44): {err}"
             ) from None
     return vLLMEngineProcessorConfig, build_processor
@@ -82,13 +84,18 @@ def engine_output(row: dict[str, Any], *, columns: list[str]) -> dict[str, Any]:
 
 
 def postprocess_row(row: dict[str, Any], *, columns: list[str]) -> dict[str, Any]:
-    """Back to the prompt-table columns + ``raw_expansion``, for successful rows (``engine_output``) and
-    for error rows, which bypass the processor's postprocess with all their fields."""
-    failed = bool(row.get(ERROR_COLUMN))
-    out = {c: row[c] for c in columns if c not in ("prompt", "raw_expansion")}
+    """Back to the prompt-table columns + ``raw_expansion`` (+ ``expansion_error``: the engine's error), for
+    successful rows (``engine_output``) and for error rows, which bypass the processor's postprocess with all
+    their fields."""
+    from gptfl_ray.errors import shorten
+    from gptfl_ray.prompts.expand import RAW_COLUMN, REASON_COLUMN
+
+    error = row.get(ERROR_COLUMN)
+    out = {c: row[c] for c in columns if c not in ("prompt", RAW_COLUMN, REASON_COLUMN)}
     out["prompt"] = row["template_prompt"]
-    text = None if failed else row.get("generated_text")
-    out["raw_expansion"] = text if isinstance(text, str) else None
+    text = None if error else row.get("generated_text")
+    out[RAW_COLUMN] = text if isinstance(text, str) else None
+    out[REASON_COLUMN] = shorten(" ".join(str(error).split()), 120) if error else None
     return out
 
 

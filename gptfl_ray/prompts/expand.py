@@ -3,7 +3,9 @@
 ``expand_prompts(ds, cfg)`` = backend (adds ``raw_expansion``) -> per-class validation (label or synonym
 present, length bounds, no repeat within the class) -> ``prompt`` = expansion, or the row's template prompt
 with ``expansion_fallback`` True. Validation runs per class in (class, index) order, so which duplicate is
-kept does not depend on how Ray split the data. Backends:
+kept does not depend on how Ray split the data. More than ``max_fallback_fraction`` of the rows falling back
+fails the step in one line naming the endpoint and what it answered (an unreachable endpoint, a wrong key or
+model name must not silently turn an LLM run into a template run). Backends:
 
 - ``templates``: identity (offline default), ``expansion_fallback`` False everywhere.
 - ``transformers``: text-generation pipeline in a Ray Data actor pool (``TransformersPromptExpander``).
@@ -14,12 +16,14 @@ kept does not depend on how Ray split the data. Backends:
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from gptfl_ray.errors import ConfigError, UserError
 from gptfl_ray.prompts.instruction import check_columns
 from gptfl_ray.prompts.validation import validate_expansion
 
@@ -32,23 +36,65 @@ logger = logging.getLogger(__name__)
 
 FALLBACK_COLUMN = "expansion_fallback"
 RAW_COLUMN = "raw_expansion"
+REASON_COLUMN = "expansion_error"  # optional, from the backend: why raw_expansion is None
+REJECTED = "rejected by validation (no label or synonym, wrong length, or a repeat)"
+
+
+class ExpansionFallbackError(UserError):
+    """Too many prompts fell back to their templates (``prompts.expander.max_fallback_fraction``)."""
 
 
 def check_backend_config(cfg: ExpanderConfig) -> None:
     """Fail fast, naming the field, before any actor starts."""
     if cfg.backend in ("transformers", "vllm", "openai") and not cfg.model:
-        raise ValueError(
+        raise ConfigError(
             f"prompts.expander.model: required for backend {cfg.backend!r} (hub id or local path)"
         )
     if cfg.backend == "openai":
         if not cfg.base_url:
-            raise ValueError(
+            raise ConfigError(
                 "prompts.expander.base_url: required for backend 'openai' (e.g. http://host:8000/v1)"
             )
         if not cfg.base_url.startswith(("http://", "https://")):
-            raise ValueError(
+            raise ConfigError(
                 f"prompts.expander.base_url: must start with http:// or https:// (got {cfg.base_url!r})"
             )
+        from gptfl_ray.prompts.backend_openai import api_headers
+
+        api_headers(cfg)  # the key rule, on the driver before any actor starts
+
+
+def endpoint_name(cfg: ExpanderConfig) -> str:
+    """What the expansions came from, for messages: the URL, or the model a local engine ran."""
+    if cfg.backend == "openai":
+        from gptfl_ray.prompts.backend_openai import endpoint_url
+
+        return f"endpoint {endpoint_url(cfg)}"
+    return f"{cfg.backend} model {cfg.model}"
+
+
+def backend_failures(table: pa.Table) -> Counter[str]:
+    """Why the backend returned no text, per reason (``expansion_error``; "no reply" when it gave none)."""
+    raw = table[RAW_COLUMN].to_pylist()
+    reasons = table[REASON_COLUMN].to_pylist() if REASON_COLUMN in table.column_names else [None] * len(raw)
+    return Counter(reason or "no reply" for text, reason in zip(raw, reasons, strict=True) if text is None)
+
+
+def check_fallback_fraction(table: pa.Table, failures: Counter[str], cfg: ExpanderConfig) -> None:
+    """Raise :class:`ExpansionFallbackError` when more than ``cfg.max_fallback_fraction`` of the validated
+    ``table``'s rows fell back; the message names the endpoint and the most frequent reasons."""
+    total, fallbacks = table.num_rows, count_fallbacks(table)
+    if total == 0 or fallbacks <= cfg.max_fallback_fraction * total:
+        return
+    seen = Counter(failures)
+    rejected = fallbacks - sum(failures.values())
+    if rejected > 0:
+        seen[REJECTED] = rejected
+    detail = "; ".join(f"{reason} ×{n}" for reason, n in seen.most_common(3))
+    raise ExpansionFallbackError(
+        f"prompts.expander.max_fallback_fraction: {fallbacks}/{total} prompts ({fallbacks / total:.0%}) fell "
+        f"back to their templates, more than {cfg.max_fallback_fraction:g}; {endpoint_name(cfg)}: {detail}"
+    )
 
 
 def _expander_class(cfg: ExpanderConfig) -> type:
@@ -92,7 +138,8 @@ def validate_expansions(table: pa.Table, cfg: ExpanderConfig) -> pa.Table:
         )
         prompts.append(row["prompt"] if text is None else text)
         fallback.append(text is None)
-    table = table.drop_columns([c for c in (RAW_COLUMN, FALLBACK_COLUMN) if c in table.column_names])
+    drop = (RAW_COLUMN, REASON_COLUMN, FALLBACK_COLUMN)
+    table = table.drop_columns([c for c in drop if c in table.column_names])
     table = table.set_column(table.column_names.index("prompt"), "prompt", pa.array(prompts, pa.string()))
     return _prompt_types(table.append_column(FALLBACK_COLUMN, pa.array(fallback, pa.bool_())))
 
@@ -146,7 +193,9 @@ def expand_prompts(ds: ray.data.Dataset, cfg: ExpanderConfig) -> ray.data.Datase
     blocks = [b for b in ray.get(raw.to_arrow_refs()) if b.num_rows]
     if not blocks:  # empty table: nothing to expand
         return ds.map_batches(_no_expansion, batch_format="pyarrow", batch_size=None)
-    table = validate_expansions(pa.concat_tables(blocks, promote_options="default"), cfg)
+    raw_table = pa.concat_tables(blocks, promote_options="default")
+    table = validate_expansions(raw_table, cfg)
+    check_fallback_fraction(table, backend_failures(raw_table), cfg)
     n = len(blocks)
     step = -(-table.num_rows // n)
     return ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
@@ -166,11 +215,13 @@ def expand_rows(rows: list[dict[str, Any]], cfg: ExpanderConfig) -> list[dict[st
 
         return expand_prompts(ray.data.from_arrow(table), cfg).take_all()
     expander = _expander_class(cfg)(cfg)
-    raw: list[str | None] = []
-    for start in range(0, len(rows), cfg.batch_size):
-        raw += expander.generate(rows[start : start + cfg.batch_size])
-    table = table.drop_columns([c for c in (RAW_COLUMN,) if c in table.column_names])
-    return validate_expansions(table.append_column(RAW_COLUMN, pa.array(raw, pa.string())), cfg).to_pylist()
+    table = table.drop_columns([c for c in (RAW_COLUMN, REASON_COLUMN) if c in table.column_names])
+    raw_table = pa.concat_tables(  # the actor's own call per batch: the same columns as in Ray Data
+        [expander(table.slice(start, cfg.batch_size)) for start in range(0, table.num_rows, cfg.batch_size)]
+    )
+    validated = validate_expansions(raw_table, cfg)
+    check_fallback_fraction(validated, backend_failures(raw_table), cfg)
+    return validated.to_pylist()
 
 
 def count_fallbacks(table: pa.Table | ray.data.Dataset | Iterable[dict[str, Any]]) -> int:
