@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from gptfl_ray.errors import InputNotFoundError
 from gptfl_ray.io import atomic_write_json, atomic_write_text, read_json, read_jsonl
 
 ARM_COLORS = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
@@ -39,6 +40,13 @@ def fmt_num(values: list[float | None], unit: str = "") -> str:
     return f"{m:.1f}{unit}{reached}" if unit else f"{m:.1f}{reached}"
 
 
+def run_accuracy(summary: dict[str, Any]) -> float | None:
+    """A run summary's headline accuracy: FL's final test accuracy; the isolated control's mean client accuracy."""
+    if summary.get("mode") == "isolated":
+        return summary.get("isolated_mean_accuracy")
+    return summary.get("final_accuracy")
+
+
 def collect(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     """Per-arm table rows and per-seed curves from the arm folders."""
     rows, curves = [], {}
@@ -53,9 +61,7 @@ def collect(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
             {
                 "arm": arm,
                 # client-isolated runs (fl.mode: isolated) report the mean over their fine-tuned clients
-                "final_accuracy": mean_std(
-                    [s.get("final_accuracy", s.get("isolated_mean_accuracy")) for s in summaries]
-                ),
+                "final_accuracy": mean_std([run_accuracy(s) for s in summaries]),
                 "best_accuracy": mean_std([s.get("best_accuracy") for s in summaries]),
                 "rounds_to_target": [s.get("rounds_to_target") for s in summaries],
                 "mb_to_target": [s.get("mb_to_target") for s in summaries],
@@ -64,8 +70,22 @@ def collect(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
                 "strategy": summaries[0].get("strategy") if summaries else None,
             }
         )
-    syn = [v.get("real_test_accuracy") for v in results.get("synthetic_only", {}).values()]
-    return {"rows": rows, "curves": curves, "synthetic_only": mean_std(syn)}
+    syn = synthetic_only_groups(results.get("synthetic_only", {}))
+    return {"rows": rows, "curves": curves, "synthetic_only": {g: mean_std(v) for g, v in syn.items()}}
+
+
+def synthetic_only_groups(entries: dict[str, Any]) -> dict[str, list[float | None]]:
+    """``results["synthetic_only"]`` as {group: per-seed real-test accuracies}.
+
+    A run pretrains one model per seed: ``{seed: entry}``, one unnamed group ``""``. A sweep pretrains one per
+    grid point and seed: ``{arm: {seed: entry}}``, one group per arm.
+    """
+    if all("real_test_accuracy" in v for v in entries.values()):  # a run's index (or empty)
+        return {"": [v["real_test_accuracy"] for _, v in sorted(entries.items())]}
+    return {
+        arm: [v.get("real_test_accuracy") for _, v in sorted(by_seed.items())]
+        for arm, by_seed in entries.items()
+    }
 
 
 def _plot(
@@ -75,7 +95,7 @@ def _plot(
     xlabel: str,
     ylabel: str,
     path: Path,
-    synthetic_only: float | None = None,
+    synthetic_only: dict[str, float] | None = None,
 ) -> None:
     import matplotlib
 
@@ -98,12 +118,16 @@ def _plot(
         ax.plot(xs, ys.mean(0), label=arm, color=color)
         if len(series) > 1:
             ax.fill_between(xs, ys.min(0), ys.max(0), color=color, alpha=0.15)
-    if synthetic_only is not None and not math.isnan(synthetic_only):
-        ax.axhline(synthetic_only, ls="--", color="k", lw=1, label="synthetic only")
+    colors = {arm: ARM_COLORS[i % len(ARM_COLORS)] for i, arm in enumerate(curves)}
+    for group, acc in (synthetic_only or {}).items():  # dashed, in its FL arm's colour where it has one
+        if not math.isnan(acc):
+            label = f"synthetic only: {group}" if group else "synthetic only"
+            ax.axhline(acc, ls="--", color=colors.get(group, "k"), lw=1, label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # e.g. a synthetic-only sweep has no curves
+        ax.legend()
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -120,7 +144,9 @@ def table_lines(data: dict[str, Any], target: float | None) -> list[str]:
             f"{fmt_num(r['rounds_to_target']) if target else '–'} | "
             f"{fmt_num(r['mb_to_target'], ' MB') if target else '–'} | {r['total_mb']:.1f} |"
         )
-    lines.append(f"| synthetic only (no FL) | {fmt_pct(*data['synthetic_only'])} | – | – | – | 0.0 |")
+    for group, stats in data["synthetic_only"].items():
+        name = f"synthetic only (no FL): {group}" if group else "synthetic only (no FL)"
+        lines.append(f"| {name} | {fmt_pct(*stats)} | – | – | – | 0.0 |")
     return lines
 
 
@@ -131,7 +157,7 @@ def write_report(run_dir: Path, results: dict[str, Any]) -> Path:
     data = collect(run_dir, results)
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
-    syn = data["synthetic_only"][0]
+    syn = {group: stats[0] for group, stats in data["synthetic_only"].items()}
     _plot(data["curves"], "round", "accuracy", "round", "test accuracy", plots / "accuracy_vs_round.png", syn)
     _plot(
         data["curves"],
@@ -156,6 +182,8 @@ def write_report(run_dir: Path, results: dict[str, Any]) -> Path:
         "",
         "`gptfl` = FL starting from the weights pretrained on synthetic data; the other arms are the baselines;",
         "`synthetic only` = the pretrained model evaluated on the real test set without any FL.",
+        "Gradient diversity = Σ‖Δᵢ‖² / ‖ΣΔᵢ‖² over a round's K client updates Δᵢ (Yin et al. 2018):",
+        "1/K when they are identical, 1 when orthogonal, above 1 when they partly cancel out.",
         "",
         "![accuracy vs round](plots/accuracy_vs_round.png)",
         "![accuracy vs communication](plots/accuracy_vs_mb.png)",
@@ -164,6 +192,7 @@ def write_report(run_dir: Path, results: dict[str, Any]) -> Path:
     ]
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines))
+    single = next(iter(data["synthetic_only"].values())) if len(data["synthetic_only"]) == 1 else None
     atomic_write_json(
         run_dir / "summary.json",
         {
@@ -175,8 +204,13 @@ def write_report(run_dir: Path, results: dict[str, Any]) -> Path:
                 }
                 for r in data["rows"]
             ],
-            "synthetic_only_mean": data["synthetic_only"][0],
-            "synthetic_only_std": data["synthetic_only"][1],
+            "synthetic_only": [
+                {"arm": group, "mean": m, "std": sd, "seeds": n}
+                for group, (m, sd, n) in data["synthetic_only"].items()
+            ],
+            # the one synthetic-only result of a run (None when a sweep has several, one per grid point)
+            "synthetic_only_mean": single[0] if single else None,
+            "synthetic_only_std": single[1] if single else None,
         },
     )
     return path
@@ -193,7 +227,7 @@ def report_command(args) -> int:
     run_dir = Path(args.run_dir)
     index = run_dir / "results.json"
     if not index.is_file():
-        raise FileNotFoundError(f"{index}: not a finished run folder (no results.json)")
+        raise InputNotFoundError(f"{index}: not a finished run folder (no results.json)")
     results = read_json(index)
     path = write_report(run_dir, results)
     print_summary_table(results, run_dir)

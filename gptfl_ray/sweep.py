@@ -10,6 +10,9 @@ A sweep file names a base run config and a grid of dotted config paths (plus ``i
       init: [pretrained, random]
       seed: [0, 1]
 
+Without ``seed`` in the grid every seed of the run config's ``seeds`` is run. A ``kind: synthetic_only`` sweep
+(no FL) takes no ``init`` or ``fl.*`` grid keys; its report has one synthetic-only row per grid point.
+
 The driver first builds the shared inputs once per distinct config — synthetic data, and pretrained weights per
 seed — in ``<sweep>/shared``; then every grid point becomes a Tune trial running the FL job in its own actor
 placement group, reporting every round to Tune. ``--resume`` restores the Tuner and never reruns finished trials;
@@ -29,10 +32,12 @@ from pydantic import Field, ValidationError
 
 from gptfl_ray.config import (
     ConfigError,
+    FolderName,
     RunConfig,
     Section,
     apply_overrides,
     config_hash,
+    echo,
     read_yaml,
     validate_config,
 )
@@ -45,7 +50,7 @@ IMAGE_DATASETS = {"mnist", "cifar10", "cifar100", "flowers102"}
 
 
 class SweepConfig(Section):
-    name: str
+    name: FolderName  # the sweep's folder and Tune experiment name
     base: Path  # run config, relative to the sweep file
     set: dict[str, Any] = Field(default_factory=dict)  # dotted overrides of the base
     grid: dict[str, list[Any]] = Field(default_factory=dict)
@@ -114,12 +119,17 @@ def load_sweep(
     for key, values in sweep.grid.items():
         if not values:
             raise ConfigError(f"{path}: grid.{key}: empty list")
+        if sweep.kind == "synthetic_only" and (key == "init" or key.startswith("fl.")):
+            raise ConfigError(
+                f"{path}: grid.{key}: a synthetic_only sweep runs no FL (its init is pretrained)"
+            )
+    if smoke:  # the smoke grid's values only: the full grid may not fit the smoke substitutes (model.width)
+        sweep = sweep.model_copy(update={"grid": _smoke_grid(sweep.grid)})
+    for key, values in sweep.grid.items():
         if key in SPECIAL_KEYS:
             continue
         for v in values:  # every grid value must make a valid config
             validate_config(apply_overrides(raw_run, [_kv(key, v)]), f"{path}: grid.{key}={v!r}")
-    if smoke:
-        sweep = sweep.model_copy(update={"grid": _smoke_grid(sweep.grid)})
     return sweep, run
 
 
@@ -136,21 +146,43 @@ def _smoke_grid(grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
 
 def grid_points(sweep: SweepConfig, run: RunConfig) -> list[dict[str, Any]]:
     """Every grid point as {"arm", "seed", "init", "run" (validated config JSON)}."""
-    from gptfl_ray.fl.runner import check_fl_config
+    from gptfl_ray.validate import validate_run
 
-    keys = list(sweep.grid)
+    grid = dict(sweep.grid)
+    grid.setdefault("seed", list(run.seeds))  # no `seed` in the grid: every seed of the run config
+    keys = list(grid)
     points = []
-    for combo in itertools.product(*(sweep.grid[k] for k in keys)):
+    validated: set[str] = set()
+    for combo in itertools.product(*(grid[k] for k in keys)):
         values = dict(zip(keys, combo, strict=True))
-        seed = int(values.pop("seed", run.seeds[0]))
+        seed = values.pop("seed")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise ConfigError(f"grid.seed: must be an integer in 0..{2**32 - 1} (got {echo(seed)})")
         init = values.pop("init", "pretrained" if sweep.kind == "synthetic_only" else "random")
         if init not in ("random", "pretrained"):
             raise ConfigError(f"grid.init: must be 'random' or 'pretrained' (got {init!r})")
         raw = apply_overrides(run.model_dump(mode="json"), [_kv(k, v) for k, v in values.items()])
         cfg = validate_config(raw, f"grid point {values}")
-        check_fl_config(cfg)  # strategy names and their parameters, before anything starts
+        # Everything this point's steps will check (strategy, generator, model, ...), before anything starts.
+        steps = (["federate"] if sweep.kind == "federated" else []) + (
+            ["labels", "generate", "pretrain"] if init == "pretrained" else []
+        )
+        key = config_hash(cfg, steps)  # points that differ only in their seed share one check
+        if key not in validated:
+            try:
+                validate_run(cfg, steps=steps, baselines=False)
+            except ConfigError as err:
+                raise ConfigError(f"grid point {echo(values, 200)}: {err}") from None
+            validated.add(key)
         arm = ",".join([f"init={init}"] + [f"{_short(k)}={_label(v)}" for k, v in values.items()])
         points.append({"arm": arm, "seed": seed, "init": init, "run": cfg.model_dump(mode="json")})
+    seen: set[tuple[str, int]] = set()
+    for p in points:  # results, reports and trial folders are keyed by (arm, seed)
+        if (p["arm"], p["seed"]) in seen:
+            raise ConfigError(
+                f"grid: two grid points are both {p['arm']} seed {p['seed']} (a repeated value?)"
+            )
+        seen.add((p["arm"], p["seed"]))
     return points
 
 
@@ -225,7 +257,14 @@ def fl_trial(config: dict[str, Any]) -> None:
             resume=(out / "checkpoint").is_dir(),
             on_round=lambda m: tune.report(_scalar_metrics({k: v for k, v in m.items() if k != "sampled"})),
         )
-    tune.report({**_scalar_metrics(summary), "accuracy": summary.get("final_accuracy"), "done": True})
+    tune.report(final_report(summary))
+
+
+def final_report(summary: dict[str, Any]) -> dict[str, Any]:
+    """A finished trial's last Tune report: its scalar summary and the run's headline ``accuracy``."""
+    from gptfl_ray.report import run_accuracy
+
+    return {**_scalar_metrics(summary), "accuracy": run_accuracy(summary), "done": True}
 
 
 def trial_resources(cfg: RunConfig):
@@ -256,9 +295,6 @@ def sweep(
     sweep_dir = Path(sweep_dir).resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     points = grid_points(sweep_cfg, run)
-    if sweep_cfg.kind == "synthetic_only":
-        for p in points:
-            p["init"] = "pretrained"
     build_shared(points, Path(shared_dir) if shared_dir else sweep_dir / "shared")
     for p in points:
         p["kind"] = sweep_cfg.kind
@@ -288,24 +324,36 @@ def sweep(
         )
     grid = tuner.fit()
     errors = [str(r.error).splitlines()[0] for r in grid if r.error]
+    results = {
+        **sweep_results(sweep_cfg, run, points, sweep_dir),
+        "errors": errors,
+        "wall_time_s": time.perf_counter() - started,  # this invocation's (a --resume counts its own part)
+    }
+    report = write_report(sweep_dir, results)
+    return {"results": results, "report": report, "errors": errors}
+
+
+def sweep_results(
+    sweep_cfg: SweepConfig, run: RunConfig, points: list[dict[str, Any]], sweep_dir: Path
+) -> dict[str, Any]:
+    """The report's index: finished FL trials and synthetic-only accuracies, each by grid point (arm) and seed."""
     results: dict[str, Any] = {
         "name": sweep_cfg.name,
         "seeds": sorted({p["seed"] for p in points}),
         "arms": {},
-        "synthetic_only": {},
+        "synthetic_only": {},  # {arm: {seed: {"real_test_accuracy": ...}}}: one pretraining per grid point
         "target_accuracy": run.fl.target_accuracy,
-        "errors": errors,
-        "wall_time_s": time.perf_counter() - started,  # this invocation's (a --resume counts its own part)
     }
     for p in points:
         if p.get("synthetic_only") is not None:
-            results["synthetic_only"][str(p["seed"])] = {"real_test_accuracy": p["synthetic_only"]}
+            results["synthetic_only"].setdefault(p["arm"], {})[str(p["seed"])] = {
+                "real_test_accuracy": p["synthetic_only"]
+            }
         if sweep_cfg.kind == "federated" and (Path(p["trial_dir"]) / "summary.json").is_file():
             results["arms"].setdefault(p["arm"], {})[str(p["seed"])] = {
                 "dir": str(Path(p["trial_dir"]).relative_to(sweep_dir))
             }
-    report = write_report(sweep_dir, results)
-    return {"results": results, "report": report, "errors": errors}
+    return results
 
 
 def default_sweep_dir(sweep_cfg: SweepConfig, run: RunConfig, smoke: bool) -> Path:

@@ -37,3 +37,45 @@ def test_unknown_model_and_too_small_input():
         build_model("resnet9000", 10, (3, 32, 32))
     with pytest.raises(ValueError, match="at least 32"):
         build_model("vgg19", 10, (1, 28, 28))
+
+
+def test_registry_builds_exactly_the_named_models():
+    from gptfl_ray.models import MODELS
+    from gptfl_ray.models.specs import MODEL_NAMES, WIDTH_MODELS
+
+    assert tuple(MODELS) == MODEL_NAMES
+    assert WIDTH_MODELS.issubset(MODEL_NAMES)
+
+
+def test_width_changes_the_models_that_take_it():
+    from gptfl_ray.models.specs import WIDTH_MODELS
+
+    for name in WIDTH_MODELS:
+        sizes = {count_parameters(build_model(name, 10, (1, 28, 28), width=w)) for w in (4, 8)}
+        assert len(sizes) == 2, name
+
+
+@pytest.mark.parametrize("name", ["cnn", "audio_cnn", "resnet18", "resnet50", "vgg19"])
+def test_width_is_an_error_where_it_does_nothing(name, tmp_path):
+    from gptfl_ray.config import ConfigError, load_config
+
+    with pytest.raises(ValueError, match=r"^model\.width: .*fixed width"):
+        build_model(name, 10, (3, 32, 32), width=8)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {{name: {name}, width: 8}}\n")
+    with pytest.raises(ConfigError) as err:  # at config validation, before any step runs
+        load_config(cfg)
+    assert (
+        str(err.value)
+        == f"{cfg}: model.width: {name} has a fixed width (only convnet takes model.width) (got 8)"
+    )
+    assert load_config(cfg, ["model.width=null"]).model.name == name
+
+
+def test_unknown_model_fails_config_validation(tmp_path):
+    from gptfl_ray.config import ConfigError, load_config
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: {name: resnet9000}\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml: model\.name: unknown model .*'resnet9000'"):
+        load_config(cfg)

@@ -50,6 +50,50 @@ def test_bad_sweep_names_field(tmp_path):
         load_sweep(bad)
 
 
+def test_synthetic_only_report_keeps_every_grid_point(tmp_path):
+    from gptfl_ray.report import write_report
+    from gptfl_ray.sweep import sweep_results
+
+    sweep_cfg, run = load_sweep(REPO / "tune_configs" / "zero-shot.yaml")  # prompts.scale: [1, 2] × 3 seeds
+    points = grid_points(sweep_cfg, run)
+    for p in points:  # as build_shared leaves them: each point's own pretrained model on the real test set
+        p["synthetic_only"] = 0.1 * p["run"]["prompts"]["scale"] + 0.01 * p["seed"]
+        p["trial_dir"] = str(tmp_path / "trials" / f"{p['arm']}-{p['seed']}")
+    write_report(tmp_path, sweep_results(sweep_cfg, run, points, tmp_path))
+    rows = json.loads((tmp_path / "summary.json").read_text())["synthetic_only"]
+    assert [(r["arm"], r["seeds"]) for r in rows] == [
+        ("init=pretrained,scale=1", 3),
+        ("init=pretrained,scale=2", 3),
+    ]
+    assert [r["mean"] for r in rows] == [pytest.approx(0.11), pytest.approx(0.21)]
+    report = (tmp_path / "report.md").read_text()
+    assert "| synthetic only (no FL): init=pretrained,scale=1 | 11.00 ± 0.82 |" in report
+    assert "| synthetic only (no FL): init=pretrained,scale=2 | 21.00 ± 0.82 |" in report
+
+
+def test_isolated_trial_reports_its_accuracy_to_tune(tmp_path, ray_session):
+    from ray import tune
+
+    from gptfl_ray.fl.metrics import isolated_summary
+    from gptfl_ray.io import atomic_write_json
+    from gptfl_ray.sweep import fl_trial
+
+    trial = tmp_path / "trial"  # a finished client-isolated trial: fl_trial reports its summary
+    trial.mkdir()
+    atomic_write_json(
+        trial / "summary.json", isolated_summary([0.5, 0.8], mode="isolated", strategy="isolated")
+    )
+    point = {"kind": "federated", "trial_dir": str(trial), "run": {}, "seed": 0}
+    tuner = tune.Tuner(
+        fl_trial,
+        param_space={"point": point},
+        run_config=tune.RunConfig(name="isolated", storage_path=str(tmp_path / "tune")),
+    )
+    (result,) = tuner.fit()
+    assert result.error is None
+    assert result.metrics["accuracy"] == pytest.approx(0.65)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", TUNE_CONFIGS, ids=lambda p: p.name)
 def test_tune_config_runs_in_smoke_mode(path, tmp_path, ray_session, data_dir, tmp_path_factory):

@@ -41,9 +41,12 @@ class WeightedSum:
 
 
 class GradientDiversity:
-    """Yin et al. 2018: Σ_i ‖Δ_i‖² / ‖Σ_i Δ_i‖² over the round's accepted (unweighted) updates.
+    """Gradient diversity (Yin et al. 2018, Definition 1) of the round's K accepted client updates Δ_i:
 
-    1 when all updates agree, large when they cancel out; client drift under non-IID data shows here.
+        Σ_i ‖Δ_i‖² / ‖Σ_i Δ_i‖²    (plain sums: no sample weights; updates in place of the paper's gradients)
+
+    1/K when all K updates are identical (the minimum), 1 when they are pairwise orthogonal, above 1 when they
+    partly cancel out (client drift under non-IID data shows here); None when they sum to exactly zero.
     """
 
     def __init__(self, size: int):

@@ -1,0 +1,30 @@
+"""What each downstream model accepts, kept free of torch so config validation can read it cheaply."""
+
+from __future__ import annotations
+
+# Every model name the registry builds (gptfl_ray/models/registry.py has one constructor per name).
+MODEL_NAMES = ("convnet", "cnn", "audio_cnn", "resnet18", "resnet50", "vgg19")
+# Models whose size `model.width` sets (ConvNet: channels per conv layer); the others have fixed widths.
+WIDTH_MODELS = frozenset({"convnet"})
+
+
+def name_error(name: str) -> str | None:
+    """Why ``model.name`` is invalid, or None."""
+    if name not in MODEL_NAMES:
+        return f"unknown model (known: {', '.join(MODEL_NAMES)})"
+    return None
+
+
+def width_error(name: str, width: int | None) -> str | None:
+    """Why ``model.width`` is invalid for model ``name`` (it would do nothing), or None."""
+    if width is not None and name in MODEL_NAMES and name not in WIDTH_MODELS:
+        return f"{name} has a fixed width (only {', '.join(sorted(WIDTH_MODELS))} takes model.width)"
+    return None
+
+
+def check_model_options(name: str, width: int | None) -> None:
+    """Raise ValueError naming the field when ``model.name`` is unknown or ``model.width`` would do nothing."""
+    if err := name_error(name):
+        raise ValueError(f"model.name: {err} (got {name!r})")
+    if err := width_error(name, width):
+        raise ValueError(f"model.width: {err} (got {width!r})")
