@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -26,6 +29,53 @@ if DATA_DIR is not None:
 # Decoded audio is cached for this session only (subprocesses and Ray workers inherit it), never in ~/.cache.
 CACHE_DIR = tempfile.mkdtemp(prefix="gptfl-cache-")
 os.environ["GPTFL_CACHE_DIR"] = CACHE_DIR
+
+
+def _is_loopback(address) -> bool:
+    host = address[0] if isinstance(address, tuple) else address
+    if not isinstance(host, str):  # AF_UNIX paths are bytes or str without a dot-quad: local either way
+        return True
+    if host in ("localhost", "") or "/" in host:
+        return True
+    if host in _OWN_ADDRESSES:
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _own_addresses() -> set[str]:
+    """This machine's own interface addresses (Ray may announce the node by one of them)."""
+    out = set()
+    with contextlib.suppress(OSError):
+        out.update(socket.gethostbyname_ex(socket.gethostname())[2])
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))  # a UDP connect sends nothing: it only picks the outgoing interface
+        out.add(s.getsockname()[0])
+    return out
+
+
+_OWN_ADDRESSES = _own_addresses()
+
+
+_real_connect, _real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+
+def _guarded(real):
+    """Tests talk to this machine only: a TCP connection anywhere else fails loudly instead of leaving it."""
+
+    def connect(sock, address):
+        tcp = sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
+        if tcp and not _is_loopback(address):
+            raise ConnectionRefusedError(f"test guard: no connections off this machine ({address!r})")
+        return real(sock, address)
+
+    return connect
+
+
+socket.socket.connect = _guarded(_real_connect)
+socket.socket.connect_ex = _guarded(_real_connect_ex)
 
 
 def pytest_unconfigure(config):
