@@ -257,6 +257,7 @@ def test_llm_expanded_prompts_and_fallbacks_flow_into_shards(ray_session, tmp_pa
                     "model": str(model),
                     "max_new_tokens": 12,
                     "batch_size": 6,
+                    "max_fallback_fraction": 1.0,  # a random model's text mostly falls back: that is the point
                 },
             },
             "generate": {"generator": "glyphs", "rows_per_shard": 5, "batch_size": 4},
