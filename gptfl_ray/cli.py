@@ -18,7 +18,7 @@ import sys
 import traceback
 from typing import Any, NoReturn
 
-from gptfl_ray.config import load_config
+from gptfl_ray.config import MAX_SEED, load_config
 from gptfl_ray.errors import UserError, shorten
 
 __all__ = ["COMMANDS", "UserError", "build_parser", "main"]
@@ -50,8 +50,8 @@ def _seed(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be in 0..{2**32 - 1} (got {value})")
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in 0..{MAX_SEED} (got {value})")
     return value
 
 

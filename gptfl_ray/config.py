@@ -50,7 +50,8 @@ def _check_folder_name(value: str) -> str:
 # Run, arm and sweep names become folder names (runs/<name>-<time>, fl/<arm>-seed<k>-<hash>).
 FolderName = Annotated[str, Field(max_length=100), AfterValidator(_check_folder_name)]
 # Non-negative and within what numpy's and torch's generators take.
-Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+MAX_SEED = 2**32 - 1  # seeds feed numpy's and torch's generators: one bound for config, --seed and grids
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
 # ----------------------------------------------------------------------------------------------- data

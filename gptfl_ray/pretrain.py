@@ -440,7 +440,7 @@ def fit(
     return state, result, wall, history
 
 
-def check_output_dir(out_dir: Path, key: str) -> None:
+def check_pretrain_folder(out_dir: Path, key: str) -> None:
     """Refuse a folder holding the pretraining of other inputs (its ``pretrain.json`` or ``metrics.json`` key)."""
     out_dir = Path(out_dir)
     claim = out_dir / "pretrain.json"
@@ -458,7 +458,7 @@ def check_output_dir(out_dir: Path, key: str) -> None:
 
 def _claim(out_dir: Path, key: str, synthetic_dir: Path, seed: int) -> None:
     """Record which inputs ``out_dir`` holds the pretraining of; refuse a folder holding another's."""
-    check_output_dir(out_dir, key)
+    check_pretrain_folder(out_dir, key)
     claim = out_dir / "pretrain.json"
     if not claim.is_file():
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -551,7 +551,7 @@ def pretrain_command(args) -> int:
     seed = cfg.seeds[0]
     key = pretrain_key(cfg, synthetic_identity(synthetic), seed)  # a missing/unfinished folder fails here
     out = Path(args.output) if args.output else cfg.output_dir / f"pretrain-{key}"
-    check_output_dir(out, key)  # before Ray starts
+    check_pretrain_folder(out, key)  # before Ray starts
     with ray_for(cfg.ray_address, announce=True):
         metrics = pretrain(cfg, synthetic, out, seed=seed, test=real_test_tensors(cfg))
     print(f"weights: {out / 'weights.safetensors'}")

@@ -31,6 +31,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError
 
 from gptfl_ray.config import (
+    MAX_SEED,
     ConfigError,
     FolderName,
     RunConfig,
@@ -156,8 +157,8 @@ def grid_points(sweep: SweepConfig, run: RunConfig) -> list[dict[str, Any]]:
     for combo in itertools.product(*(grid[k] for k in keys)):
         values = dict(zip(keys, combo, strict=True))
         seed = values.pop("seed")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-            raise ConfigError(f"grid.seed: must be an integer in 0..{2**32 - 1} (got {echo(seed)})")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"grid.seed: must be an integer in 0..{MAX_SEED} (got {echo(seed)})")
         init = values.pop("init", "pretrained" if sweep.kind == "synthetic_only" else "random")
         if init not in ("random", "pretrained"):
             raise ConfigError(f"grid.init: must be 'random' or 'pretrained' (got {init!r})")
