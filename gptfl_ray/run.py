@@ -177,7 +177,7 @@ def run(cfg: RunConfig, run_dir: Path, test: Any = None) -> dict[str, Any]:
     """
     from gptfl_ray.fl.runner import prepare_federated_data
     from gptfl_ray.pretrain import real_test_tensors
-    from gptfl_ray.report import write_report
+    from gptfl_ray.report import run_accuracy, write_report
 
     resumed = check_resume(cfg, run_dir)  # an earlier invocation's work is in here
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -209,7 +209,7 @@ def run(cfg: RunConfig, run_dir: Path, test: Any = None) -> dict[str, Any]:
             summary = step_federate(arm_cfg, out, seed, init, data)
             results["arms"].setdefault(arm, {})[str(seed)] = {
                 "dir": str(out.relative_to(run_dir)),
-                "final_accuracy": summary.get("final_accuracy"),
+                "final_accuracy": run_accuracy(summary),  # the isolated control's: its mean client accuracy
             }
     results["wall_time_s"] = time.perf_counter() - t0
     results["resumed"] = resumed
