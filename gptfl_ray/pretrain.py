@@ -58,9 +58,6 @@ CHUNK_ROWS = 1024
 # Rows the shuffle buffer keeps; an epoch of fewer than 1.5x this many rows is one exact seeded permutation.
 SHUFFLE_BUFFER = 10_000
 STATE_FILE, HISTORY_FILE = "state.pt", "history.json"
-VAL_CACHE_BYTES = (
-    512 * 2**20
-)  # val rows kept in a worker's memory after the first pass (else read each epoch)
 DATASET = "synthetic"  # the one dataset Train hands every worker (train and val rows, told apart by ``row``)
 _SPLIT, _ORDER, _AUGMENT = 1, 2, 3  # salts: the val split, the epoch order, the augmentation RNG
 
@@ -226,14 +223,12 @@ def _train_loop(config: dict[str, Any]) -> None:
     loss_fn = nn.CrossEntropyLoss()
     shard = ray.train.get_dataset_shard(DATASET)
     val_rows = np.asarray(config["val_rows"], dtype=np.int64)
-    val_chunks: list[dict[str, np.ndarray]] | None = None  # the val rows, once read (if they fit the cache)
     device = ray.train.torch.get_device()
     for epoch in range(start_epoch, pcfg.epochs):
         torch.manual_seed(seed_of(seed, epoch, rank, _AUGMENT))  # augmentation: a function of the epoch alone
         model.train()
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-        val_cache = _ValCache() if len(val_rows) and not val_chunks else None
-        chunks = _rows_of(shard, CHUNK_ROWS, val_rows, val=False, val_cache=val_cache)
+        chunks = _rows_of(shard, CHUNK_ROWS, val_rows, val=False)
         for batch in shuffled_batches(
             chunks, seed=seed, epoch=epoch, batch_size=pcfg.batch_size, world_size=world, rank=rank
         ):
@@ -257,11 +252,10 @@ def _train_loop(config: dict[str, Any]) -> None:
             "samples_per_s": total_seen / max(train_time, 1e-9),
             "lr": opt.param_groups[0]["lr"],
         }
-        if val_cache is not None and val_cache.chunks is not None:
-            val_chunks = val_cache.chunks  # kept from this first pass: later epochs read the data once
         if len(val_rows):
-            val_batches = val_chunks or _rows_of(shard, CHUNK_ROWS, val_rows, val=True)
-            correct, total, vloss = _validate(model, val_batches, device, rank, world)
+            correct, total, vloss = _validate(
+                model, _rows_of(shard, 512, val_rows, val=True), device, rank, world
+            )
             correct, total, vloss = _all_reduce([correct, total, vloss], device)
             metrics["val_accuracy"] = correct / max(total, 1)
             metrics["val_loss"] = vloss / max(total, 1)
@@ -285,29 +279,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-class _ValCache:
-    """The val rows seen while reading the train rows, so validation needs no second pass over the data
-    (each pass starts a Ray Data execution: seconds per epoch). Gives up above ``VAL_CACHE_BYTES``."""
-
-    def __init__(self) -> None:
-        self.chunks: list[dict[str, np.ndarray]] | None = []
-        self.nbytes = 0
-
-    def add(self, chunk: dict[str, np.ndarray]) -> None:
-        if self.chunks is None or not len(chunk["row"]):
-            return
-        self.nbytes += sum(v.nbytes for v in chunk.values())
-        if self.nbytes > VAL_CACHE_BYTES:
-            self.chunks = None
-        else:
-            self.chunks.append({k: np.array(v) for k, v in chunk.items()})  # own copies, not Arrow views
-
-
 def _rows_of(
-    shard: Any, chunk_rows: int, val_rows: np.ndarray, *, val: bool, val_cache: _ValCache | None = None
+    shard: Any, chunk_rows: int, val_rows: np.ndarray, *, val: bool
 ) -> Iterator[dict[str, np.ndarray]]:
-    """The val (or train) rows of the dataset, in order, in chunks of at most ``chunk_rows``; with ``val_cache``
-    (train rows only) the val rows go there."""
+    """The val (or train) rows of the dataset, in order, in chunks of at most ``chunk_rows``."""
     for chunk in shard.iter_batches(
         batch_size=chunk_rows, batch_format="numpy", prefetch_batches=2, drop_last=False
     ):
@@ -315,10 +290,7 @@ def _rows_of(
             if not val:
                 yield chunk
             continue
-        is_val = np.isin(chunk["row"], val_rows)
-        if val_cache is not None:
-            val_cache.add({k: v[is_val] for k, v in chunk.items()})
-        keep = is_val == val
+        keep = np.isin(chunk["row"], val_rows) == val
         yield {k: v[keep] for k, v in chunk.items()}
 
 
