@@ -18,7 +18,7 @@ import sys
 import traceback
 from typing import Any, NoReturn
 
-from gptfl_ray.config import MAX_SEED, load_config
+from gptfl_ray.config import MAX_SEED, ConfigError, load_config
 from gptfl_ray.errors import UserError, shorten
 
 __all__ = ["COMMANDS", "UserError", "build_parser", "main"]
@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted FL run from its checkpoint")
     p.add_argument("--output", metavar="RUN_DIR", help="FL run folder")
     p.add_argument("--seed", type=_seed, default=None, help="seed (default: the config's first seed)")
+    p.add_argument(
+        "--synthetic", metavar="DIR", help="synthetic data folder, for public_data.source: synthetic"
+    )
 
     p = sub.add_parser("sweep", help=COMMANDS["sweep"][2])
     _add_common(p)
@@ -211,6 +214,12 @@ def _check_command(args: Any) -> None:
         validate.check_synthetic(args.synthetic, cfg)
     elif cmd == "federate":
         validate.validate_run(cfg, steps=["federate"], baselines=False)
+        if cfg.public_data.source == "synthetic":
+            if not args.synthetic:
+                raise ConfigError(
+                    "public_data.source: 'synthetic' needs --synthetic DIR (from `gptfl generate`)"
+                )
+            validate.check_synthetic(args.synthetic, cfg)
     elif cmd == "submit":
         validate.validate_run(cfg)  # the data lives on the cluster: not checked here
     if cmd in ("collect-labels", "generate", "pretrain", "federate"):

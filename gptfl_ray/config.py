@@ -307,8 +307,33 @@ class LocalTrainConfig(Section):
     optimizer: OptimizerConfig = OptimizerConfig()
 
 
+class PublicDataConfig(Section):
+    """Unlabeled data held by the server, for algorithms that use it (FedDF, DS-FL, Fed-ET).
+
+    ``holdout``: ``num`` real samples drawn from the train pool *before* partitioning (so no client holds them),
+    labels dropped. ``synthetic``: the run's own synthetic data (at most ``num`` samples, a seeded subset; all
+    when unset), labels dropped: the same generated data GPT-FL pretrains on, used another way.
+    """
+
+    source: Literal["none", "holdout", "synthetic"] = "none"
+    num: int | None = Field(None, gt=0, validate_default=True)
+    seed: Seed = 0  # which samples (fixed across run seeds, like data.split_seed)
+
+    @field_validator("num")
+    @classmethod
+    def _check_num(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if info.data.get("source") == "holdout" and value is None:
+            raise PydanticCustomError(
+                "public_num", "required when source is 'holdout' (samples drawn from the pool)"
+            )
+        return value
+
+
 class FLConfig(Section):
     strategy: StrategyConfig = StrategyConfig()
+    # The clients' model when it differs from the server's `model` (strategies with heterogeneous_models:
+    # Fed-ET's small client models); None: the clients train `model`.
+    client_model: ModelConfig | None = None
     rounds: int = Field(20, gt=0)
     clients_per_round: int = Field(10, gt=0)
     with_replacement: bool = False  # official code samples with replacement
@@ -377,6 +402,7 @@ class RunConfig(Section):
     generate: GenerateConfig = GenerateConfig()
     pretrain: PretrainConfig = PretrainConfig()
     fl: FLConfig = FLConfig()
+    public_data: PublicDataConfig = PublicDataConfig()
     baselines: list[BaselineConfig] = Field(default_factory=list)
 
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gptfl_ray.config import ConfigError, RunConfig
+from gptfl_ray.config import ConfigError, ModelConfig, RunConfig
 from gptfl_ray.errors import InputError, InputNotFoundError, shorten
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ def validate_run(cfg: RunConfig, *, steps: Iterable[str] = STEPS, baselines: boo
         _once(check_model, cfg, cfg.data, cfg.model)
     if "federate" in steps:
         arms = [b.model_dump(mode="json") for b in cfg.baselines] if baselines else None
-        _once(check_arms, cfg, cfg.fl, arms, baselines=baselines)
+        _once(check_arms, cfg, cfg.data, cfg.fl, cfg.public_data, arms, baselines=baselines)
 
 
 _PASSED: set[str] = set()
@@ -127,25 +127,26 @@ def check_expander_fits(cfg: RunConfig, modality: str) -> None:
         )
 
 
-def check_model(cfg: RunConfig) -> None:
-    """Steps 3-4: ``model.name`` builds for the dataset's inputs and runs a forward pass (on the meta device:
-    shapes only, no memory, no compute)."""
+def check_model(cfg: RunConfig, model: ModelConfig | None = None, field: str = "model") -> None:
+    """Steps 3-4: ``model`` (default ``cfg.model``; named ``field`` in errors) builds for the dataset's inputs
+    and runs a forward pass (on the meta device: shapes only, no memory, no compute)."""
     import torch
 
     from gptfl_ray.data.features import input_shape
     from gptfl_ray.models import build_model
 
+    model = model or cfg.model
     spec = _dataset_spec(cfg)
     shape = input_shape(cfg.data.dataset, cfg.data.audio)
     try:
         with torch.device("meta"):
-            model = build_model(cfg.model.name, spec.num_classes, shape, width=cfg.model.width)
-            model.eval()(torch.empty((2, *shape)))
+            net = build_model(model.name, spec.num_classes, shape, width=model.width)
+            net.eval()(torch.empty((2, *shape)))
     except (ValueError, RuntimeError) as err:
         text = str(err).strip()
         first = shorten(text.splitlines()[0].removeprefix("model: ") if text else type(err).__name__, 200)
         raise ConfigError(
-            f"model.name: {cfg.model.name!r} does not fit {cfg.data.dataset} inputs {tuple(shape)}: {first}"
+            f"{field}.name: {model.name!r} does not fit {cfg.data.dataset} inputs {tuple(shape)}: {first}"
         ) from None
 
 
@@ -158,6 +159,8 @@ def check_arms(cfg: RunConfig, *, baselines: bool = True) -> None:
     for name, arm_cfg, _ in arms(cfg) if baselines else [(GPTFL_ARM, cfg, True)]:
         try:
             check_fl_config(arm_cfg)
+            if arm_cfg.fl.client_model is not None:
+                check_model(arm_cfg, arm_cfg.fl.client_model, "fl.client_model")
         except ConfigError as err:
             if name == GPTFL_ARM:
                 raise
@@ -171,11 +174,15 @@ def check_data(cfg: RunConfig, seeds: Iterable[int], splits: Splits | None = Non
 
     from gptfl_ray.data import load_dataset
     from gptfl_ray.data.partition import partition
+    from gptfl_ray.fl.data import public_holdout
 
     splits = splits or load_dataset(cfg.data, cfg.data_dir)
-    labels = np.asarray(splits.train.y)
+    labels, groups = np.asarray(splits.train.y), splits.train.groups
+    if cfg.public_data.source == "holdout":  # the public set leaves the pool before partitioning
+        _, keep = public_holdout(len(labels), cfg.public_data.num, cfg.public_data.seed)
+        labels, groups = labels[keep], None if groups is None else groups[keep]
     for seed in seeds:
-        partition(cfg.partition, labels, splits.train.groups, seed=seed)
+        partition(cfg.partition, labels, groups, seed=seed)
     return splits
 
 
@@ -189,7 +196,7 @@ def check_points_data(points: list[dict[str, Any]]) -> None:
     for p in points:
         cfg = RunConfig.model_validate(p["run"])
         dkey = config_hash(cfg.data, str(cfg.data_dir))
-        pkey = config_hash(dkey, cfg.partition, p["seed"])
+        pkey = config_hash(dkey, cfg.partition, cfg.public_data, p["seed"])
         if pkey not in drawn:
             loaded[dkey] = check_data(cfg, [p["seed"]], loaded.get(dkey))
             drawn.add(pkey)

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 from gptfl_ray.config import LocalTrainConfig, StrategyConfig
 from gptfl_ray.fl.flat import FlatModel, VectorLayout, from_shared
 from gptfl_ray.fl.strategies import ClientContext, FedAvg, Strategy, build_strategy
+from gptfl_ray.fl.strategies.base import StrategyParams
 from gptfl_ray.models import build_model
 from gptfl_ray.training import make_optimizer
 
@@ -34,7 +35,12 @@ Shard = tuple[np.ndarray, np.ndarray]  # (inputs float32 (n, C, H, W), labels in
 
 @dataclass(frozen=True)
 class ClientSpec:
-    """Everything an actor needs to build its model and optimizer once."""
+    """Everything an actor needs to build its model and optimizer once.
+
+    ``model``/``width`` is the model clients train; ``eval_model``/``eval_width`` the server's model that
+    evaluation tasks run, when it differs (heterogeneous strategies). ``strategy_class`` is the resolved class
+    (a ``module:Class`` from outside the package travels by value, see ``strategies.registry``).
+    """
 
     model: str
     num_classes: int
@@ -45,6 +51,9 @@ class ClientSpec:
     eval_batch_size: int = 512
     num_cpus: float = 1.0
     use_gpu: bool = False
+    eval_model: str | None = None
+    eval_width: int | None = None
+    strategy_class: type | None = None
 
 
 def local_train(
@@ -61,15 +70,23 @@ def local_train(
 ) -> tuple[int, float]:
     """``epochs`` passes of minibatch training over (x, y) in a seeded order; returns (steps, mean loss)."""
     model = flat.model
-    model.train()
     steps, loss_sum = 0, torch.zeros((), device=x.device)
+    ctx.flat, ctx.batch_size = flat, batch_size
+    if ctx.generator is None:
+        ctx.generator = generator
     strategy.client_begin(ctx)
+    model.train()
+    extra = type(strategy).local_loss is not Strategy.local_loss
     for _ in range(epochs):
         order = torch.randperm(len(y), generator=generator).to(x.device)
         for i in range(0, len(y), batch_size):
             idx = order[i : i + batch_size]
             flat.zero_grad()
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            xb, yb = x[idx], y[idx]
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            if extra and (term := strategy.local_loss(ctx, xb, yb, logits)) is not None:
+                loss = loss + term
             loss.backward()
             strategy.adjust_gradients(flat.param.data, flat.param.grad, ctx)
             optimizer.step()
@@ -117,7 +134,16 @@ class FLClient:
         model = build_model(spec.model, spec.num_classes, spec.input_shape, width=spec.width).to(self.device)
         self.layout = VectorLayout.of(model)
         self.flat = FlatModel(model, self.layout)
-        self.strategy = build_strategy(spec.strategy)
+        self.eval_flat = self.flat
+        if spec.eval_model is not None:  # clients train a different model than the server evaluates
+            m = build_model(spec.eval_model, spec.num_classes, spec.input_shape, width=spec.eval_width)
+            self.eval_flat = FlatModel(m.to(self.device), VectorLayout.of(m))
+        if spec.strategy_class is not None:
+            cls = spec.strategy_class
+            params: StrategyParams = cls.Params.model_validate(spec.strategy.model_extra or {})
+            self.strategy = cls(params)
+        else:
+            self.strategy = build_strategy(spec.strategy)
         self.plain = FedAvg(FedAvg.Params())  # the isolated control trains without algorithm terms
         self.optimizer = make_optimizer([self.flat.param], spec.local.optimizer)
 
@@ -125,7 +151,15 @@ class FLClient:
         return from_shared(a).to(self.device, non_blocking=True)
 
     def _fit(
-        self, weights: np.ndarray, shard: Shard, strategy: Strategy, broadcast, state, seed: int, epochs: int
+        self,
+        weights: np.ndarray,
+        shard: Shard,
+        strategy: Strategy,
+        broadcast,
+        state,
+        seed: int,
+        epochs: int,
+        public: np.ndarray | None = None,
     ) -> tuple[torch.Tensor, ClientContext, int, float]:
         w = self._tensor(weights)
         self.flat.load(w)
@@ -136,6 +170,7 @@ class FLClient:
             lr=self.spec.local.optimizer.lr,
             broadcast={k: self._tensor(v) for k, v in (broadcast or {}).items()},
             state=None if state is None else {k: v.to(self.device) for k, v in state.items()},
+            public=None if public is None else self._tensor(public),
         )
         x, y = self._tensor(shard[0]), self._tensor(shard[1])
         steps, loss = local_train(
@@ -158,28 +193,31 @@ class FLClient:
         broadcast: dict[str, np.ndarray] | None,
         state: dict[str, torch.Tensor] | None,
         seed: int,
+        public: np.ndarray | None = None,
     ) -> dict[str, Any]:
-        """One virtual client's local training from ``weights``: its update Δ = y − x as float32."""
+        """One virtual client's local training from ``weights``: its update Δ = y − x as float32 (None when
+        the strategy uploads no weights), extra uploads, and what the client keeps (``state``)."""
         t0 = time.perf_counter()
         w, ctx, steps, loss = self._fit(
-            weights, shard, self.strategy, broadcast, state, seed, self.spec.local.epochs
+            weights, shard, self.strategy, broadcast, state, seed, self.spec.local.epochs, public
         )
         uploads = self.strategy.client_end(ctx, self.flat.param.data, steps)
-        delta = (self.flat.vector() - w).cpu().numpy()
+        delta = (self.flat.vector() - w).cpu().numpy() if self.strategy.uploads_weights else None
         return {
             "delta": delta,
             "num_samples": len(shard[1]),
             "steps": steps,
             "train_loss": loss,
             "uploads": {k: v.float().cpu().numpy() for k, v in uploads.items()},
+            "state": {k: v.detach().cpu() for k, v in ctx.keep.items()} or None,
             "seconds": time.perf_counter() - t0,
         }
 
     def evaluate(self, weights: np.ndarray, test: Shard) -> dict[str, Any]:
-        """Evaluation sums of ``weights`` on a (slice of the) test set."""
-        self.flat.load(self._tensor(weights))
+        """Evaluation sums of the server's ``weights`` on a (slice of the) test set."""
+        self.eval_flat.load(self._tensor(weights))
         return evaluate_sums(
-            self.flat.model,
+            self.eval_flat.model,
             self._tensor(test[0]),
             self._tensor(test[1]),
             self.spec.num_classes,

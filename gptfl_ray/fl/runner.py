@@ -40,7 +40,7 @@ from gptfl_ray.fl.isolated import run_isolated
 from gptfl_ray.fl.metrics import Progress, summarize
 from gptfl_ray.fl.pool import ClientPool, TaskDeadlines, actor_namespace
 from gptfl_ray.fl.server import FederatedServer
-from gptfl_ray.fl.strategies import Strategy, build_strategy
+from gptfl_ray.fl.strategies import ServerContext, Strategy, build_strategy, strategy_class
 from gptfl_ray.io import (
     append_jsonl,
     atomic_write_json,
@@ -84,11 +84,13 @@ def run_federated(
     data: FederatedData | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     client_cls: type[FLClient] = FLClient,
+    synthetic_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Run FL (or the client-isolated control when ``cfg.fl.mode == "isolated"``) into ``out_dir``.
 
     ``on_round(record)`` is called after every evaluated round; ``resume`` continues from the last
-    checkpoint in ``out_dir`` (from scratch if there is none). Returns the summary dict.
+    checkpoint in ``out_dir`` (from scratch if there is none); ``synthetic_dir``: the generated data, for
+    ``public_data.source: synthetic``. Returns the summary dict.
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -106,7 +108,7 @@ def run_federated(
     init_label = str(init_weights) if init_weights else "random"
     atomic_write_json(out_dir / RUN_META, {"seed": seed, "init": init_label, "config": dump_config(cfg)})
 
-    data = data or prepare_federated_data(cfg, seed)
+    data = data or prepare_federated_data(cfg, seed, synthetic_dir=synthetic_dir)
     torch.manual_seed(seed)
     model = build_model(cfg.model.name, data.num_classes, data.input_shape, width=cfg.model.width)
     if init_weights:
@@ -156,16 +158,20 @@ class LazyPool:
         if self.pool is None:
             cfg, fl = self.cfg, self.cfg.fl
             self.started_ray = _ensure_ray(cfg)
+            client_model = fl.client_model or cfg.model
             spec = ClientSpec(
-                model=cfg.model.name,
+                model=client_model.name,
                 num_classes=self.data.num_classes,
                 input_shape=self.data.input_shape,
-                width=cfg.model.width,
+                width=client_model.width,
                 local=fl.local,
                 strategy=fl.strategy,
                 eval_batch_size=fl.eval_batch_size,
                 num_cpus=fl.actor_num_cpus,
                 use_gpu=fl.actor_num_gpus > 0,
+                eval_model=cfg.model.name if fl.client_model else None,
+                eval_width=cfg.model.width if fl.client_model else None,
+                strategy_class=strategy_class(fl.strategy.name),
             )
             self.pool = ClientPool(
                 spec,
@@ -208,7 +214,9 @@ def _run_rounds(
     ckpt_root, metrics_path = out_dir / "checkpoint", out_dir / "metrics.jsonl"
     layout, template = VectorLayout.of(model), model.state_dict()
     x = layout.to_vector(template)
-    strategy.setup(layout, data.num_clients, out_dir / "state")
+    strategy.setup(
+        client_layout(cfg, data, seed), data.num_clients, out_dir / "state", server_context(cfg, data, seed)
+    )
     progress = Progress(fl.target_accuracy)
     records: list[dict[str, Any]] = []
     start = 0
@@ -264,11 +272,55 @@ def _run_rounds(
 def check_fl_config(cfg: RunConfig) -> Strategy:
     """Fail fast on FL settings that cannot run; returns the (validated) strategy."""
     strategy = build_strategy(cfg.fl.strategy)
+    cls, name = type(strategy), cfg.fl.strategy.name
+    if cfg.fl.mode == "federated" and cls.public_data != "none" and cfg.public_data.source == "none":
+        raise ConfigError(
+            f"public_data.source: fl.strategy.name={name!r} needs unlabeled public data: set it to 'holdout' "
+            "(real samples held out of the pool, public_data.num) or 'synthetic' (the generated data)"
+        )
+    if cfg.fl.client_model is not None and not cls.heterogeneous_models:
+        raise ConfigError(
+            f"fl.client_model: fl.strategy.name={name!r} trains the server's model on the clients (only "
+            "strategies with heterogeneous models, e.g. fedet, take a client model)"
+        )
     if cfg.fl.secure_aggregation:
         from gptfl_ray.fl.secure import check_secure_config
 
         check_secure_config(cfg.fl, strategy)
     return strategy
+
+
+def _build(cfg: RunConfig, data: FederatedData, model_cfg) -> torch.nn.Module:
+    return build_model(model_cfg.name, data.num_classes, data.input_shape, width=model_cfg.width)
+
+
+def client_layout(cfg: RunConfig, data: FederatedData, seed: int) -> VectorLayout:
+    """Layout of the vector clients train: the client model's (``fl.client_model``, else ``model``)."""
+    return VectorLayout.of(_build(cfg, data, cfg.fl.client_model or cfg.model))
+
+
+def server_context(cfg: RunConfig, data: FederatedData, seed: int) -> ServerContext:
+    """What a strategy's server half may use: model builders, device, the public data, the seed."""
+    from gptfl_ray.fl.strategies import PublicData
+
+    client_model = cfg.fl.client_model or cfg.model
+    init_client = None
+    if cfg.fl.client_model is not None:  # the clients' initial model: seeded like the server's
+        torch.manual_seed(seed + 1)
+        m = _build(cfg, data, client_model)
+        init_client = VectorLayout.of(m).to_vector(m.state_dict())
+    server_model = _build(cfg, data, cfg.model)
+    return ServerContext(
+        build_model=lambda: _build(cfg, data, cfg.model),
+        build_client_model=lambda: _build(cfg, data, client_model),
+        server_layout=VectorLayout.of(server_model),
+        device=torch.device("cpu"),
+        seed=seed,
+        num_classes=data.num_classes,
+        client_sizes=data.client_sizes(),
+        public=None if data.public is None else PublicData(data.public, cfg.public_data.source),
+        init_client_weights=init_client,
+    )
 
 
 def _log_round(rec: dict[str, Any], rounds: int) -> None:
@@ -314,7 +366,8 @@ def _check_resume(out_dir: Path, cfg: RunConfig, seed: int, init_weights: Path |
     if meta["seed"] != seed:
         raise ConfigError(f"{out_dir}: the run used seed {meta['seed']}, not {seed}")
     old, new = meta["config"], dump_config(cfg)
-    changed = [s for s in ("data", "partition", "model") if old.get(s) != new[s]]
+    defaults = dump_config(RunConfig())  # sections a run folder from an older version did not record
+    changed = [s for s in ("data", "partition", "model", "public_data") if old.get(s, defaults[s]) != new[s]]
     changed += [
         f"fl.{k}"
         for k in sorted(set(old.get("fl", {})) | set(new["fl"]))
@@ -395,7 +448,8 @@ def federate_command(args) -> int:
     if args.resume:
         check_checkpoint(out_dir / "checkpoint")
     print(f"FL run folder: {out_dir}", flush=True)
-    data = prepare_federated_data(cfg, seed, getattr(args, "data_dir", None))
+    synthetic = Path(args.synthetic) if getattr(args, "synthetic", None) else None  # checked by the CLI
+    data = prepare_federated_data(cfg, seed, getattr(args, "data_dir", None), synthetic)
     s = run_federated(cfg, seed=seed, out_dir=out_dir, init_weights=init, resume=bool(args.resume), data=data)
     if cfg.fl.mode == "isolated":
         print(

@@ -23,8 +23,9 @@ What the server cannot do any more, and what replaces it:
 - check updates for NaN/Inf: the client withholds such an update itself (an ``update_rejected`` event);
 - gradient diversity needs individual updates: ``grad_diversity`` is ``null``;
 - SCAFFOLD's per-client control variates ``c_i <- c_i + Δc_i`` need each client's ``Δc_i`` on the server
-  (this runtime keeps them there): rejected with ``fl.secure_aggregation``, as is any strategy with per-client
-  uploads or server-held client state.
+  (this runtime keeps them there): rejected with ``fl.secure_aggregation``, as is any strategy whose server half
+  reads single clients' results (``Strategy.needs_individual_results``: FedDF's and Fed-ET's ensembles, DS-FL's
+  soft labels).
 
 Quantisation: every coordinate is clipped (``fl.secagg_clip`` for trainable parameters,
 ``fl.secagg_buffer_clip`` for float buffers such as BatchNorm statistics), multiplied by its weight and by a
@@ -75,12 +76,14 @@ def check_secure_config(fl: FLConfig, strategy: Strategy) -> None:
     """Fail fast, in one line naming ``fl.secure_aggregation``, on settings secure aggregation cannot serve."""
     if fl.mode != "federated":
         return  # the client-isolated control aggregates nothing
-    cls = type(strategy)
-    if cls.accept is not Strategy.accept or cls.client_state is not Strategy.client_state:
+    if type(strategy).needs_individual_results():
+        from gptfl_ray.fl.strategies import STRATEGIES
+
+        ok = [name for name, cls in STRATEGIES.items() if not cls.needs_individual_results()]
         raise ConfigError(
             f"fl.secure_aggregation: not supported with fl.strategy.name={strategy.name!r}: it needs each "
-            "client's own upload or state on the server (SCAFFOLD: c_i <- c_i + Δc_i), which secure aggregation "
-            "hides; use fedavg, fedprox, fedavgm, fedadam, fedyogi or fedadagrad"
+            "client's own upload, model or state on the server, which secure aggregation hides; use "
+            + ", ".join(ok)
         )
     if fl.clients_per_round < 2:
         raise ConfigError(
@@ -289,7 +292,14 @@ class SecureAggregation:
 
     method = "train_secure"
 
-    def __init__(self, server: FederatedServer, rnd: int, sampled: list[int], size: int):
+    def __init__(
+        self,
+        server: FederatedServer,
+        rnd: int,
+        sampled: list[int],
+        size: int,
+        start: torch.Tensor | None = None,  # unused: strategies that need individual models are refused
+    ):
         fl, strategy = server.fl, server.strategy
         self.server, self.rnd, self.sampled = server, rnd, sampled
         self.codec = UpdateCodec.for_round(

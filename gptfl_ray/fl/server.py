@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +31,7 @@ from gptfl_ray.fl.data import FederatedData
 from gptfl_ray.fl.flat import from_shared
 from gptfl_ray.fl.metrics import BYTES_PER_VALUE, eval_metrics
 from gptfl_ray.fl.pool import ClientPool, Task
-from gptfl_ray.fl.strategies import Strategy
+from gptfl_ray.fl.strategies import ClientResult, Strategy
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,12 @@ class InOrderFold:
     finishers wait in a small reorder buffer until every earlier position has been offered.
     """
 
-    def __init__(self, strategy: Strategy, rnd: int, size: int):
-        self.strategy, self.rnd = strategy, rnd
+    def __init__(self, strategy: Strategy, rnd: int, size: int, start: torch.Tensor | None = None):
+        self.strategy, self.rnd, self.start = strategy, rnd, start  # start: the weights clients trained from
         self.total = WeightedSum(size)
         self.diversity = GradientDiversity(size)
         self.loss_sum, self.loss_n = 0.0, 0
+        self.wants_results = type(strategy).client_result is not Strategy.client_result
         self._pending: dict[int, tuple[int, dict[str, Any]] | None] = {}
         self._next = 0
 
@@ -64,15 +66,24 @@ class InOrderFold:
             item = self._pending.pop(self._next)
             self._next += 1
             if item is not None:
-                self._add(*item)
+                self._add(self._next - 1, *item)
 
-    def _add(self, cid: int, v: dict[str, Any]) -> None:
-        delta = from_shared(v["delta"])
-        self.total.add(delta, self.strategy.aggregation_weight(v["num_samples"]))
-        self.diversity.add(delta, float(torch.linalg.vector_norm(delta, dtype=torch.float64)))
+    def _add(self, slot: int, cid: int, v: dict[str, Any]) -> None:
+        delta = None if v["delta"] is None else from_shared(v["delta"])
+        if delta is not None:
+            self.total.add(delta, self.strategy.aggregation_weight(v["num_samples"]))
+            self.diversity.add(delta, float(torch.linalg.vector_norm(delta, dtype=torch.float64)))
+        else:
+            self.total.count += 1  # an accepted result without weights (e.g. DS-FL's soft labels)
         self.loss_sum += v["train_loss"] * v["num_samples"]
         self.loss_n += v["num_samples"]
-        self.strategy.accept(cid, self.rnd, {k: from_shared(a) for k, a in v["uploads"].items()})
+        uploads = {k: from_shared(a) for k, a in v["uploads"].items()}
+        if v.get("state"):
+            self.strategy.keep_state(cid, self.rnd, v["state"])
+        self.strategy.accept(cid, self.rnd, uploads)
+        if self.wants_results:
+            weights = None if delta is None or self.start is None else self.start + delta
+            self.strategy.client_result(ClientResult(cid, self.rnd, slot, weights, uploads, v["num_samples"]))
 
 
 @dataclass
@@ -99,10 +110,18 @@ class PlainAggregation:
 
     method = "train"  # FLClient method run per sampled client
 
-    def __init__(self, server: FederatedServer, rnd: int, sampled: list[int], size: int):
+    def __init__(
+        self,
+        server: FederatedServer,
+        rnd: int,
+        sampled: list[int],
+        size: int,
+        start: torch.Tensor | None = None,
+    ):
         self.max_norm = server.fl.max_update_norm
         self.size, self.uploads = size, server.strategy.upload_sizes()
-        self.fold = InOrderFold(server.strategy, rnd, size)
+        self.weights_up = server.strategy.uploads_weights
+        self.fold = InOrderFold(server.strategy, rnd, size, start)
         self.received = 0
 
     def task_args(self, slot: int, args: tuple) -> tuple:
@@ -118,7 +137,8 @@ class PlainAggregation:
         return reason
 
     def finish(self) -> RoundSum:
-        fold, up = self.fold, self.size + sum(self.uploads.values())
+        fold = self.fold
+        up = (self.size if self.weights_up else 0) + sum(self.uploads.values())
         return RoundSum(
             count=fold.total.count,
             mean=fold.total.mean(),
@@ -129,9 +149,12 @@ class PlainAggregation:
         )
 
     def _check(self, value: dict[str, Any]) -> str | None:
-        reason, _ = check_vector(from_shared(value["delta"]), self.size, self.max_norm)
-        if reason:
-            return f"update: {reason}"
+        if self.weights_up:
+            if value["delta"] is None:
+                return "update: missing"
+            reason, _ = check_vector(from_shared(value["delta"]), self.size, self.max_norm)
+            if reason:
+                return f"update: {reason}"
         for name, n in self.uploads.items():
             if name not in value["uploads"]:
                 return f"{name}: missing"
@@ -160,6 +183,7 @@ class FederatedServer:
         seed: int,
         on_event: Callable[[dict[str, Any]], None],
     ):
+        """``strategy`` must be set up already (its ``public_data`` decides whether clients get the public set)."""
         self.fl = fl
         self.strategy = strategy
         self.pool = pool
@@ -169,6 +193,9 @@ class FederatedServer:
         self.sizes = data.client_sizes()
         self.aggregation = aggregation_for(fl)
         self.shards = [ray.put((x.numpy(), y.numpy())) for x, y in data.clients]
+        # The public set goes to the object store once; every task of a strategy that uses it names it.
+        with_public = strategy.public_data == "clients" and data.public is not None
+        self.public_ref = ray.put(data.public.numpy()) if with_public else None
         # The test set in one slice per actor: evaluation runs data-parallel over the pool.
         tx, ty = data.test
         bounds = np.linspace(0, len(ty), len(pool.actors) + 1).astype(int)
@@ -193,11 +220,16 @@ class FederatedServer:
             rnd=rnd,
             with_replacement=fl.with_replacement,
         )
-        x_ref = ray.put(x.numpy())
+        strategy.begin_round(rnd)
+        start = strategy.client_weights(x)  # what clients train from (Fed-ET: its small client model)
+        x_ref = ray.put(start.numpy())
         broadcast = {k: v.numpy() for k, v in strategy.broadcast().items()}
         broadcast_ref = ray.put(broadcast) if broadcast else None
-        size = x.numel()
-        agg = self.aggregation(self, rnd, sampled, size)
+        size = start.numel()
+        agg = self.aggregation(self, rnd, sampled, size, start)
+        public = (self.public_ref,) if self.public_ref is not None else ()
+        extras = sum(int(np.prod(a.shape)) for a in broadcast.values())
+        down = [(size if strategy.sends_weights(cid) else 0) + extras for cid in sampled]  # per dispatch
         tasks = [
             Task(
                 key=i,
@@ -210,6 +242,7 @@ class FederatedServer:
                         broadcast_ref,
                         strategy.client_state(cid),
                         task_seed(self.seed, rnd, cid, i),
+                        *public,
                     ),
                 ),
                 client=cid,
@@ -234,7 +267,9 @@ class FederatedServer:
         total = agg.finish()
 
         needed = math.ceil(fl.min_clients_fraction * len(sampled))
-        applied = total.skip_reason is None and total.count >= needed and total.mean is not None
+        has_update = total.mean is not None or not strategy.uploads_weights
+        applied = total.skip_reason is None and total.count >= needed and has_update
+        t_server = time.perf_counter()
         if applied:
             x = strategy.server_update(x, total.mean)
         else:
@@ -248,9 +283,9 @@ class FederatedServer:
                 }
             )
         strategy.end_round(applied)
+        server_s = time.perf_counter() - t_server
 
-        dispatches = sum(t.dispatches for t in tasks)
-        down = size + sum(int(np.prod(a.shape)) for a in broadcast.values())
+        params_down = sum(t.dispatches * down[t.key] for t in tasks)
         failed = sorted({t.client for t in tasks if t.dispatches > 1} | set(lost))
         record = {
             "round": rnd,
@@ -263,12 +298,15 @@ class FederatedServer:
             "train_loss": total.train_loss,
             "grad_diversity": total.grad_diversity,
             "client_time_s": client_s,  # summed local-training time of the received updates
-            "params_down": dispatches * down,
+            "server_time_s": server_s,  # the strategy's server update (distillation, server optimizers)
+            "params_down": params_down,
             "params_up": total.params_up,
-            "bytes_down": dispatches * down * BYTES_PER_VALUE + total.bytes_down,
+            "bytes_down": params_down * BYTES_PER_VALUE + total.bytes_down,
             "bytes_up": total.bytes_up,
             **total.record,
         }
+        if applied and (info := strategy.round_info()):
+            record["strategy_info"] = info
         return x, record
 
     # ---------------------------------------------------------------------------------- evaluation
