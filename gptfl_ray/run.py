@@ -133,9 +133,14 @@ def step_federate(arm_cfg: RunConfig, out: Path, seed: int, init: Path | None, d
     return run_federated(arm_cfg, seed=seed, out_dir=out, init_weights=init, resume=resume, data=data)
 
 
-def fl_dir(run_dir: Path, arm: str, arm_cfg: RunConfig, seed: int, init_key: str) -> Path:
-    key = config_hash(arm_cfg.data, arm_cfg.partition, arm_cfg.model, arm_cfg.fl, init_key, seed)
-    return run_dir / "fl" / f"{arm}-seed{seed}-{key}"
+def fl_dir(
+    run_dir: Path, arm: str, arm_cfg: RunConfig, seed: int, init_key: str, public_key: str | None = None
+) -> Path:
+    """An arm's FL folder, keyed by everything the FL step reads (``public_key``: the synthetic public data)."""
+    parts = [arm_cfg.data, arm_cfg.partition, arm_cfg.model, arm_cfg.fl, init_key, seed]
+    if arm_cfg.public_data.source != "none":  # older folders (no public data) keep their key
+        parts += [arm_cfg.public_data, public_key]
+    return run_dir / "fl" / f"{arm}-seed{seed}-{config_hash(*parts)}"
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -202,10 +207,11 @@ def run(cfg: RunConfig, run_dir: Path, test: Any = None) -> dict[str, Any]:
             "val_accuracy": pre.get("final_val_accuracy"),
             "pretrain_dir": weights.parent.name,
         }
-        data = prepare_federated_data(cfg, seed, cfg.data_dir)
+        data = prepare_federated_data(cfg, seed, cfg.data_dir, synthetic)
+        public_key = synthetic.name if cfg.public_data.source == "synthetic" else None
         for arm, arm_cfg, from_pretrained in arms(cfg):
             init = weights if from_pretrained else None
-            out = fl_dir(run_dir, arm, arm_cfg, seed, weights.parent.name if init else "random")
+            out = fl_dir(run_dir, arm, arm_cfg, seed, weights.parent.name if init else "random", public_key)
             summary = step_federate(arm_cfg, out, seed, init, data)
             results["arms"].setdefault(arm, {})[str(seed)] = {
                 "dir": str(out.relative_to(run_dir)),

@@ -10,7 +10,15 @@ A sweep file names a base run config and a grid of dotted config paths (plus ``i
       init: [pretrained, random]
       seed: [0, 1]
 
-Without ``seed`` in the grid every seed of the run config's ``seeds`` is run. A ``kind: synthetic_only`` sweep
+Without ``seed`` in the grid every seed of the run config's ``seeds`` is run. ``arms`` names comparison arms
+that differ in more than one field (an algorithm with its own public data, model or init); each arm is crossed
+with the grid, and may run fewer seeds::
+
+    arms:
+      - {name: gptfl, init: pretrained}
+      - {name: feddf, set: {fl.strategy: {name: feddf}, public_data.source: holdout}}
+      - {name: feddf-synthetic, set: {...}, seeds: [0]}
+ A ``kind: synthetic_only`` sweep
 (no FL) takes no ``init`` or ``fl.*`` grid keys; its report has one synthetic-only row per grid point.
 
 The driver first builds the shared inputs once per distinct config — synthetic data, and pretrained weights per
@@ -36,6 +44,7 @@ from gptfl_ray.config import (
     FolderName,
     RunConfig,
     Section,
+    Seed,
     apply_overrides,
     config_hash,
     echo,
@@ -50,11 +59,21 @@ SPECIAL_KEYS = ("init", "seed")
 IMAGE_DATASETS = {"mnist", "cifar10", "cifar100", "flowers102"}
 
 
+class SweepArm(Section):
+    """One comparison arm: its own dotted overrides and init, crossed with the grid."""
+
+    name: FolderName
+    set: dict[str, Any] = Field(default_factory=dict)
+    init: Literal["random", "pretrained"] = "random"
+    seeds: list[Seed] | None = Field(None, min_length=1)  # default: the grid's (or run config's) seeds
+
+
 class SweepConfig(Section):
     name: FolderName  # the sweep's folder and Tune experiment name
     base: Path  # run config, relative to the sweep file
     set: dict[str, Any] = Field(default_factory=dict)  # dotted overrides of the base
     grid: dict[str, list[Any]] = Field(default_factory=dict)
+    arms: list[SweepArm] = Field(default_factory=list)
     # "federated": FL trials; "synthetic_only": the pretrained model on the real test set (no FL).
     kind: Literal["federated", "synthetic_only"] = "federated"
     smoke: dict[str, Any] = Field(default_factory=dict)  # extra dotted overrides for --smoke
@@ -124,8 +143,20 @@ def load_sweep(
             raise ConfigError(
                 f"{path}: grid.{key}: a synthetic_only sweep runs no FL (its init is pretrained)"
             )
+    names = [a.name for a in sweep.arms]
+    if len(set(names)) != len(names):
+        raise ConfigError(
+            f"{path}: arms: duplicate arm name {sorted(n for n in names if names.count(n) > 1)[0]!r}"
+        )
+    if sweep.arms and "init" in sweep.grid:
+        raise ConfigError(f"{path}: grid.init: the arms set each arm's init")
     if smoke:  # the smoke grid's values only: the full grid may not fit the smoke substitutes (model.width)
-        sweep = sweep.model_copy(update={"grid": _smoke_grid(sweep.grid)})
+        arms = [a.model_copy(update={"seeds": a.seeds[:1] if a.seeds else None}) for a in sweep.arms]
+        sweep = sweep.model_copy(update={"grid": _smoke_grid(sweep.grid), "arms": arms})
+    for arm in sweep.arms:  # every arm must make a valid config
+        validate_config(
+            apply_overrides(raw_run, [_kv(k, v) for k, v in arm.set.items()]), f"{path}: arms[{arm.name}].set"
+        )
     for key, values in sweep.grid.items():
         if key in SPECIAL_KEYS:
             continue
@@ -150,29 +181,40 @@ def grid_points(sweep: SweepConfig, run: RunConfig) -> list[dict[str, Any]]:
     from gptfl_ray.validate import validate_run
 
     grid = dict(sweep.grid)
-    grid.setdefault("seed", list(run.seeds))  # no `seed` in the grid: every seed of the run config
+    seeds = grid.pop("seed", list(run.seeds))  # no `seed` in the grid: every seed of the run config
     keys = list(grid)
+    combos = [
+        (arm, dict(zip(keys, combo, strict=True)), seed)
+        for arm in (list(sweep.arms) or [None])
+        for combo in itertools.product(*(grid[k] for k in keys))
+        for seed in (arm.seeds if arm is not None and arm.seeds else seeds)  # an arm may run fewer seeds
+    ]
     points = []
-    for combo in itertools.product(*(grid[k] for k in keys)):
-        values = dict(zip(keys, combo, strict=True))
-        seed = values.pop("seed")
+    for arm, values, seed in combos:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
             raise ConfigError(f"grid.seed: must be an integer in 0..{MAX_SEED} (got {echo(seed)})")
         init = values.pop("init", "pretrained" if sweep.kind == "synthetic_only" else "random")
+        if arm is not None:
+            init = arm.init
         if init not in ("random", "pretrained"):
             raise ConfigError(f"grid.init: must be 'random' or 'pretrained' (got {init!r})")
-        raw = apply_overrides(run.model_dump(mode="json"), [_kv(k, v) for k, v in values.items()])
-        cfg = validate_config(raw, f"grid point {values}")
+        overrides = [_kv(k, v) for k, v in (arm.set if arm else {}).items()]
+        raw = apply_overrides(run.model_dump(mode="json"), overrides + [_kv(k, v) for k, v in values.items()])
+        cfg = validate_config(raw, f"grid point {values}" + (f" of arm {arm.name}" if arm else ""))
         # Everything this point's steps will check (strategy, generator, model, ...), before anything starts.
         steps = (["federate"] if sweep.kind == "federated" else []) + (
             ["labels", "generate", "pretrain"] if init == "pretrained" else []
         )
+        if sweep.kind == "federated" and cfg.public_data.source == "synthetic":
+            steps += ["labels", "generate"]  # the synthetic data is the public set
         try:  # points sharing a section share its check (validate_run remembers what passed)
             validate_run(cfg, steps=steps, baselines=False)
         except ConfigError as err:
-            raise ConfigError(f"grid point {echo(values, 200)}: {err}") from None
-        arm = ",".join([f"init={init}"] + [f"{_short(k)}={_label(v)}" for k, v in values.items()])
-        points.append({"arm": arm, "seed": seed, "init": init, "run": cfg.model_dump(mode="json")})
+            where = f"arm {arm.name}, " if arm else ""
+            raise ConfigError(f"grid point {where}{echo(values, 200)}: {err}") from None
+        head = [arm.name] if arm else [f"init={init}"]
+        label = ",".join(head + [f"{_short(k)}={_label(v)}" for k, v in values.items()])
+        points.append({"arm": label, "seed": seed, "init": init, "run": cfg.model_dump(mode="json")})
     seen: set[tuple[str, int]] = set()
     for p in points:  # results, reports and trial folders are keyed by (arm, seed)
         if (p["arm"], p["seed"]) in seen:
@@ -208,9 +250,10 @@ def build_shared(points: list[dict[str, Any]], shared: Path) -> None:
     pretrained: dict[str, tuple[Path, dict]] = {}
     tests: dict[str, Any] = {}
     for p in points:
-        if p["init"] != "pretrained":
-            continue
         cfg = RunConfig.model_validate(p["run"])
+        public = cfg.public_data.source == "synthetic" and p.get("kind", "federated") == "federated"
+        if p["init"] != "pretrained" and not public:
+            continue
         dkey = config_hash(cfg.data)
         if dkey not in tests:  # real data first: fail before any generation if it is missing
             tests[dkey] = real_test_tensors(cfg, required=True)
@@ -218,6 +261,10 @@ def build_shared(points: list[dict[str, Any]], shared: Path) -> None:
         gkey = synthetic_key(cfg, labels)
         if gkey not in synthetic_dirs:
             synthetic_dirs[gkey] = step_generate(cfg, shared, labels)
+        if public:  # the run's own synthetic data as the public set (public_data.source: synthetic)
+            p["synthetic_dir"] = str(synthetic_dirs[gkey])
+        if p["init"] != "pretrained":
+            continue
         pkey = pretrain_key(cfg, synthetic_dirs[gkey].name, p["seed"])
         if pkey not in pretrained:
             pretrained[pkey] = step_pretrain(cfg, shared, synthetic_dirs[gkey], p["seed"], tests[dkey])
@@ -252,6 +299,7 @@ def fl_trial(config: dict[str, Any]) -> None:
             out_dir=out,
             init_weights=point.get("init_weights"),
             resume=(out / "checkpoint").is_dir(),
+            synthetic_dir=point.get("synthetic_dir"),
             on_round=lambda m: tune.report(_scalar_metrics({k: v for k, v in m.items() if k != "sampled"})),
         )
     tune.report(final_report(summary))
@@ -292,10 +340,13 @@ def sweep(
     sweep_dir = Path(sweep_dir).resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     points = grid_points(sweep_cfg, run)
-    build_shared(points, Path(shared_dir) if shared_dir else sweep_dir / "shared")
     for p in points:
         p["kind"] = sweep_cfg.kind
+    build_shared(points, Path(shared_dir) if shared_dir else sweep_dir / "shared")
+    for p in points:
         key = config_hash(p["run"], p["init"], p.get("init_weights"), p["seed"], length=8)
+        if p.get("synthetic_dir"):  # older trial folders (no public data) keep their key
+            key = config_hash(key, Path(p["synthetic_dir"]).name, length=8)
         p["trial_dir"] = str(sweep_dir / "trials" / f"{_slug(p['arm'])}-seed{p['seed']}-{key}")
     atomic_write_json(sweep_dir / "points.json", points)
 

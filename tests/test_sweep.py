@@ -37,7 +37,51 @@ def test_tune_configs_validate(path):
         sweep, run = load_sweep(path, smoke=smoke)
         points = grid_points(sweep, run)
         assert points and len({(p["arm"], p["seed"]) for p in points}) == len(points)
-    assert len(points) <= 2  # smoke grids stay tiny
+    assert len(points) <= max(2, len(sweep.arms))  # smoke grids stay tiny: one point per arm at most
+
+
+def test_arms_cross_the_grid_with_their_own_overrides_init_and_seeds(tmp_path):
+    sweep_file = tmp_path / "arms.yaml"
+    sweep_file.write_text(
+        f"""name: arms
+base: {REPO}/configs/smoke.yaml
+set: {{public_data: {{source: holdout, num: 50}}}}
+arms:
+  - {{name: gptfl, init: pretrained}}
+  - {{name: feddf, set: {{fl.strategy: {{name: feddf, steps: 5}}}}}}
+  - {{name: feddf-synthetic, set: {{fl.strategy.name: feddf, public_data.source: synthetic}}, seeds: [7]}}
+grid:
+  partition.alpha: [0.1, 0.5]
+  seed: [0, 1]
+"""
+    )
+    sweep, run = load_sweep(sweep_file)
+    points = grid_points(sweep, run)
+    got = sorted((p["arm"], p["seed"], p["init"]) for p in points)
+    assert got == [
+        ("feddf,alpha=0.1", 0, "random"),
+        ("feddf,alpha=0.1", 1, "random"),
+        ("feddf,alpha=0.5", 0, "random"),
+        ("feddf,alpha=0.5", 1, "random"),
+        ("feddf-synthetic,alpha=0.1", 7, "random"),
+        ("feddf-synthetic,alpha=0.5", 7, "random"),
+        ("gptfl,alpha=0.1", 0, "pretrained"),
+        ("gptfl,alpha=0.1", 1, "pretrained"),
+        ("gptfl,alpha=0.5", 0, "pretrained"),
+        ("gptfl,alpha=0.5", 1, "pretrained"),
+    ]
+    by_arm = {p["arm"]: p["run"] for p in points}
+    assert by_arm["feddf,alpha=0.5"]["fl"]["strategy"] == {"name": "feddf", "steps": 5}
+    assert by_arm["feddf,alpha=0.5"]["partition"]["alpha"] == 0.5
+    assert by_arm["feddf-synthetic,alpha=0.1"]["public_data"] == {"source": "synthetic", "num": 50, "seed": 0}
+    assert by_arm["gptfl,alpha=0.1"]["fl"]["strategy"] == {"name": "fedavg"}
+    # an arm whose overrides do not validate, or a repeated arm name, is refused naming it
+    sweep_file.write_text(sweep_file.read_text().replace("steps: 5", "steps: 0"))
+    with pytest.raises(ConfigError, match=r"fl\.strategy\.steps: Input should be greater than 0 \(feddf\)"):
+        grid_points(*load_sweep(sweep_file))
+    sweep_file.write_text(sweep_file.read_text().replace("name: feddf-synthetic", "name: feddf"))
+    with pytest.raises(ConfigError, match=r"arms: duplicate arm name 'feddf'"):
+        load_sweep(sweep_file)
 
 
 def test_bad_sweep_names_field(tmp_path):
