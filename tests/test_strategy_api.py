@@ -163,3 +163,17 @@ def test_public_data_config_errors_name_the_field():
             ),
             seed=0,
         )
+
+
+def test_the_readme_add_an_algorithm_example_works(tmp_path, monkeypatch):
+    """The README's five-line algorithm is a valid module:Class strategy whose local loss is applied."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("# my_algos.py", 1)[1].split("\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "my_algos_readme.py").write_text(block)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    s = build_strategy(StrategyConfig(name="my_algos_readme:FedL2", weight=0.5))
+    assert s.params.weight == 0.5 and s.params.server_lr == 1.0
+    logits = torch.tensor([[1.0, -3.0]])
+    assert float(s.local_loss(None, None, None, logits)) == pytest.approx(0.5 * (1 + 9) / 2)

@@ -36,6 +36,18 @@ BAD_RUNS = [
     (["prompts.templates=['{label} in {domain}']"], "prompts.domain"),
     (["labels.source=config"], "labels.names: required"),
     (["model={name: vgg19}"], "model.name: 'vgg19' does not fit mnist inputs"),
+    (
+        ["fl.strategy={name: feddf}"],
+        "public_data.source: fl.strategy.name='feddf' needs unlabeled public data",
+    ),
+    (["baselines=[{name: df, fl: {strategy: {name: dsfl}}}]"], "baselines[df]: public_data.source:"),
+    (["fl.client_model={name: convnet, width: 8}"], "fl.client_model: fl.strategy.name='fedavg' trains"),
+    (["public_data={source: holdout}"], "public_data.num: required when source is 'holdout'"),
+    (["fl.strategy={name: 'no_such_mod:X'}"], "fl.strategy.name: cannot import 'no_such_mod'"),
+    (
+        ["public_data={source: holdout, num: 9}", "fl.strategy={name: feddf}", "fl.secure_aggregation=true"],
+        "fl.secure_aggregation: not supported with fl.strategy.name='feddf'",
+    ),
 ]
 
 
