@@ -45,6 +45,14 @@ BAD_RUNS = [
     (["public_data={source: holdout}"], "public_data.num: required when source is 'holdout'"),
     (["fl.strategy={name: 'no_such_mod:X'}"], "fl.strategy.name: cannot import 'no_such_mod'"),
     (
+        [
+            "public_data={source: holdout, num: 9}",
+            "fl.strategy={name: fedet}",
+            "fl.client_model={name: vgg19}",
+        ],
+        "fl.client_model.name: 'vgg19' does not fit mnist inputs",
+    ),
+    (
         ["public_data={source: holdout, num: 9}", "fl.strategy={name: feddf}", "fl.secure_aggregation=true"],
         "fl.secure_aggregation: not supported with fl.strategy.name='feddf'",
     ),

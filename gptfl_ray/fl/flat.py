@@ -97,6 +97,8 @@ class FlatModel:
 
     @torch.no_grad()
     def load(self, vec: torch.Tensor) -> None:
+        if vec.shape != (self.layout.size,):  # e.g. another model's weights: never load a prefix of them
+            raise ValueError(f"weight vector has shape {tuple(vec.shape)}, expected ({self.layout.size},)")
         n = self.layout.num_trainable
         self.param.data.copy_(vec[:n], non_blocking=True)
         off = n

@@ -278,6 +278,10 @@ def check_fl_config(cfg: RunConfig) -> Strategy:
             f"public_data.source: fl.strategy.name={name!r} needs unlabeled public data: set it to 'holdout' "
             "(real samples held out of the pool, public_data.num) or 'synthetic' (the generated data)"
         )
+    if cfg.fl.client_model is not None and cfg.fl.mode == "isolated":
+        raise ConfigError(
+            "fl.client_model: the client-isolated control (fl.mode: isolated) trains `model` itself"
+        )
     if cfg.fl.client_model is not None and not cls.heterogeneous_models:
         raise ConfigError(
             f"fl.client_model: fl.strategy.name={name!r} trains the server's model on the clients (only "
@@ -320,6 +324,7 @@ def server_context(cfg: RunConfig, data: FederatedData, seed: int) -> ServerCont
         client_sizes=data.client_sizes(),
         public=None if data.public is None else PublicData(data.public, cfg.public_data.source),
         init_client_weights=init_client,
+        input_shape=tuple(data.input_shape),
     )
 
 

@@ -95,6 +95,7 @@ class ServerContext:
     init_client_weights: torch.Tensor | None = (
         None  # the clients' initial model vector (heterogeneous models)
     )
+    input_shape: tuple[int, ...] | None = None  # one sample's shape (C, H, W), e.g. for synthetic inputs
 
 
 class StrategyParams(BaseModel):

@@ -41,7 +41,11 @@ Deviations, stated:
 - when the server's and clients' heads differ in shape, steps B and D cannot copy weights: B is skipped and
   D distils the trained server into s̄ on U instead (KL(softmax(f(w; u)) ‖ softmax(f(s̄; u))), same optimizer
   and step budget), so the server's knowledge still reaches the clients;
-- all minibatch orders are seeded from (run seed, round) (``distill.round_generator``), so resume is exact.
+- all minibatch orders are seeded from (run seed, round) (``distill.round_generator``), so resume is exact;
+- the small model starts from the runner's seeded client init (``ServerContext.init_client_weights``); without
+  ``fl.client_model`` (clients train the server's architecture) it starts from the server's initial x;
+- ``diversity_weight: 0`` (consensus distillation only) and ``steps: 0`` (no server training) are allowed,
+  for ablations and tests.
 
 Needs each client's model on the server: refused under secure aggregation.
 """
@@ -64,9 +68,8 @@ from gptfl_ray.models.heads import classifier_head, head_slices
 
 class FedETParams(StrategyParams):
     weighted: bool = False  # the re-implementation averages each architecture's models uniformly
-    steps: int = Field(
-        128, ge=0
-    )  # server SGD steps per round (``dist_iters``); also the transfer-back budget
+    # Server SGD steps per round (``dist_iters``); also the transfer-back budget. 0: no server training.
+    steps: int = Field(128, ge=0)
     batch_size: int = Field(64, gt=0)  # ``dist_batch_size``
     lr: float = Field(5e-3, gt=0)  # ``dist_lr``
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -121,19 +124,18 @@ class FedET(Strategy):
         self.received: list[torch.Tensor] = []  # the round's client models, in sampled order
         self.rnd = 0
         self.info: dict[str, Any] = {}
-        self.small: torch.Tensor | None = None  # the small global client model
-        if server is not None:
-            if server.init_client_weights is not None:
-                self.small = server.init_client_weights.clone()
-            else:  # clients train the server's model: a fresh one, seeded as the runner seeds the server's
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(server.seed)
-                    net = server.build_client_model()
-                self.small = layout.to_vector(net.state_dict())
+        # The small global client model: the clients' initial model (``fl.client_model``), else (clients train
+        # the server's architecture) the server's initial x, taken in the first round (so ``--init`` counts).
+        self.small: torch.Tensor | None = None
+        if server is not None and server.init_client_weights is not None:
+            self.small = server.init_client_weights.clone()
 
     # ------------------------------------------------------------------------------ server half
     def client_weights(self, x: torch.Tensor) -> torch.Tensor:
-        assert self.small is not None, "FedET.setup needs the ServerContext"
+        if self.small is None:  # no fl.client_model: the clients start from the server's initial model
+            if x.numel() != self.client_layout.size:
+                raise ValueError(f"fedet: the server's vector ({x.numel()}) is not a client model vector")
+            self.small = x.clone()
         return self.small
 
     def client_result(self, result: ClientResult) -> None:
