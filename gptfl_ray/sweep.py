@@ -66,6 +66,7 @@ class SweepArm(Section):
     set: dict[str, Any] = Field(default_factory=dict)
     init: Literal["random", "pretrained"] = "random"
     seeds: list[Seed] | None = Field(None, min_length=1)  # default: the grid's (or run config's) seeds
+    smoke: dict[str, Any] = Field(default_factory=dict)  # extra dotted overrides for --smoke, after `set`
 
 
 class SweepConfig(Section):
@@ -151,7 +152,10 @@ def load_sweep(
     if sweep.arms and "init" in sweep.grid:
         raise ConfigError(f"{path}: grid.init: the arms set each arm's init")
     if smoke:  # the smoke grid's values only: the full grid may not fit the smoke substitutes (model.width)
-        arms = [a.model_copy(update={"seeds": a.seeds[:1] if a.seeds else None}) for a in sweep.arms]
+        arms = [
+            a.model_copy(update={"seeds": a.seeds[:1] if a.seeds else None, "set": {**a.set, **a.smoke}})
+            for a in sweep.arms
+        ]
         sweep = sweep.model_copy(update={"grid": _smoke_grid(sweep.grid), "arms": arms})
     for arm in sweep.arms:  # every arm must make a valid config
         validate_config(

@@ -138,8 +138,13 @@ def test_isolated_trial_reports_its_accuracy_to_tune(tmp_path, ray_session):
     assert result.metrics["accuracy"] == pytest.approx(0.65)
 
 
+# The CIFAR baseline sweeps have baselines-mnist's arms and, in smoke mode, the same substitute data and models:
+# running them too would repeat its trials (test_tune_configs_validate checks their smoke grids).
+SMOKE_RUNS = [p for p in TUNE_CONFIGS if p.name not in ("baselines-cifar10.yaml", "baselines-cifar100.yaml")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("path", TUNE_CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SMOKE_RUNS, ids=lambda p: p.name)
 def test_tune_config_runs_in_smoke_mode(path, tmp_path, ray_session, data_dir, tmp_path_factory):
     from gptfl_ray.sweep import sweep
 
