@@ -19,7 +19,18 @@ from gptfl_ray.fl.strategies.fedavg import FedAvg
 from gptfl_ray.fl.strategies.registry import STRATEGIES, build_strategy, register, strategy_class
 
 # The built-in algorithms, registered on import in this order (the order error messages list them in).
-BUILTIN = ("fedavg", "fedprox", "scaffold", "fedavgm", "fedopt", "feddf", "dsfl", "fedet", "fedgen")
+BUILTIN = (
+    "fedavg",
+    "fedprox",
+    "scaffold",
+    "fedavgm",
+    "fedopt",
+    "feddf",
+    "dsfl",
+    "fedet",
+    "fedgen",
+    "dynafed",
+)
 for _module in BUILTIN:
     importlib.import_module(f"{__name__}.{_module}")
 

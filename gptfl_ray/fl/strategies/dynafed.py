@@ -257,7 +257,7 @@ def synthesize(
         loss.backward()
         for opt in opts:
             opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return SyntheticSet(images.detach(), labels.detach(), syn_lr.detach(), losses)
 
 
