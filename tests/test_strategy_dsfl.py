@@ -14,11 +14,12 @@ from torch import nn
 import gptfl_ray.fl.strategies.dsfl  # noqa: F401  (registers "dsfl")
 from gptfl_ray.config import ConfigError, StrategyConfig, validate_config
 from gptfl_ray.fl.flat import FlatModel, VectorLayout
-from gptfl_ray.fl.runner import check_fl_config, prepare_federated_data, run_federated
+from gptfl_ray.fl.runner import check_fl_config
 from gptfl_ray.fl.strategies import ClientContext, PublicData, ServerContext, build_strategy
 from gptfl_ray.fl.strategies.dsfl import era
-from gptfl_ray.io import load_weights, read_jsonl
+from gptfl_ray.io import load_weights
 from gptfl_ray.models import build_model
+from tests.fl_runs import run_and_resume, tiny_raw
 
 IN, C, N_PUBLIC = 4, 3, 10
 
@@ -190,27 +191,13 @@ def test_first_participation_without_targets_keeps_the_global_model():
 
 
 # ------------------------------------------------------------------------------------ config
+DSFL = {"name": "dsfl", "open_size_per_round": 64, "kd_epochs": 1, "kd_batch_size": 32}
+
+
 def raw_cfg(rounds: int = 2, **fl) -> dict:
-    raw = {
-        "data": {"dataset": "mnist", "test_split": "holdout", "num_test": 200, "num_train": 600},
-        "partition": {"method": "dirichlet", "num_clients": 6, "alpha": 0.5},
-        "model": {"name": "convnet", "width": 8},
-        "public_data": {"source": "holdout", "num": 200},
-        "fl": {
-            "strategy": {"name": "dsfl", "open_size_per_round": 64, "kd_epochs": 1, "kd_batch_size": 32},
-            "rounds": rounds,
-            "clients_per_round": 3,
-            "checkpoint_every": 1,
-            "local": {
-                "epochs": 1,
-                "batch_size": 32,
-                "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.0},
-            },
-            "num_actors": 1,
-        },
-    }
-    raw["fl"].update(fl)
-    return raw
+    sgd = {"name": "sgd", "lr": 0.05, "momentum": 0.0}
+    fl = {"rounds": rounds, "local": {"optimizer": sgd}, **fl}
+    return tiny_raw(DSFL, fl=fl, public_data={"source": "holdout", "num": 200})
 
 
 def test_refused_under_secure_aggregation():
@@ -232,22 +219,21 @@ SEED = 1  # samples clients {1, 2, 5} then {2, 4, 5}: two of round 2's clients r
 OPEN = 64
 
 
-@pytest.fixture(scope="module")
-def tiny_data(data_dir):
-    return prepare_federated_data(validate_config(raw_cfg()), seed=SEED)
+def dsfl_cfg(**fl):
+    return validate_config(raw_cfg(**fl))
 
 
 @pytest.fixture(scope="module")
-def reference(ray_session, tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("dsfl-ref")
-    run_federated(validate_config(raw_cfg()), seed=SEED, out_dir=out, data=tiny_data)
-    return out
+def runs(ray_session, data_dir, tmp_path_factory) -> tuple[Path, list[dict]]:
+    """2 rounds in full/; 1 round in part/, resumed to 2 (run_and_resume asserts the same final weights, accuracies
+    and strategy_info); the folder and the full run's records."""
+    out = tmp_path_factory.mktemp("dsfl")
+    return out, run_and_resume(dsfl_cfg, out, seed=SEED)
 
 
-def test_bytes_per_round_equal_the_hand_count(reference, tiny_data):
-    recs = read_jsonl(reference / "metrics.jsonl")
-    model = build_model("convnet", 10, tiny_data.input_shape, width=8)
-    size = VectorLayout.of(model).size
+def test_bytes_per_round_equal_the_hand_count(runs):
+    out, recs = runs
+    size = VectorLayout.of(build_model("convnet", 10, (1, 28, 28), width=8)).size
     seen: set[int] = set()
     assert len(recs) == 2 and set(recs[0]["sampled"]) & set(recs[1]["sampled"])
     for rnd, r in enumerate(recs, start=1):
@@ -258,16 +244,15 @@ def test_bytes_per_round_equal_the_hand_count(reference, tiny_data):
         assert r["params_up"] == 3 * OPEN * 10 and r["bytes_up"] == 4 * 3 * OPEN * 10
         assert r["strategy_info"]["kd_steps"] == 2 and r["accuracy"] is not None
         seen |= set(r["sampled"])
-    assert len(list((reference / "state" / "dsfl").iterdir())) == len(seen)  # one kept model per client
+    assert len(list((out / "full" / "state" / "dsfl").iterdir())) == len(seen)  # one kept model per client
 
 
-def test_resume_is_bit_identical(reference, tiny_data, tmp_path):
-    run_federated(validate_config(raw_cfg(rounds=1)), seed=SEED, out_dir=tmp_path, data=tiny_data)
-    run_federated(
-        validate_config(raw_cfg(rounds=2)), seed=SEED, out_dir=tmp_path, data=tiny_data, resume=True
-    )
-    a, b = load_weights(tmp_path / "final.safetensors"), load_weights(reference / "final.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ra, rb = read_jsonl(tmp_path / "metrics.jsonl"), read_jsonl(reference / "metrics.jsonl")
-    assert [r["accuracy"] for r in ra] == [r["accuracy"] for r in rb]
-    assert [r["strategy_info"] for r in ra] == [r["strategy_info"] for r in rb]
+def test_resume_is_bit_identical(runs):
+    # final weights, accuracies and strategy_info: asserted by run_and_resume; here the kept client models too
+    out, _ = runs
+    full, part = out / "full" / "state" / "dsfl", out / "part" / "state" / "dsfl"
+    names = sorted(f.name for f in full.iterdir())
+    assert names == sorted(f.name for f in part.iterdir())
+    for name in names:
+        a, b = load_weights(full / name), load_weights(part / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

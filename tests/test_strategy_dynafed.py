@@ -8,9 +8,9 @@ from torch import nn
 from torch.nn import functional as F
 
 import gptfl_ray.fl.strategies.dynafed  # noqa: F401  (registers "dynafed")
-from gptfl_ray.config import ConfigError, StrategyConfig, validate_config
+from gptfl_ray.config import ConfigError, StrategyConfig
 from gptfl_ray.fl.flat import FlatModel, VectorLayout
-from gptfl_ray.fl.runner import check_fl_config, run_federated
+from gptfl_ray.fl.runner import check_fl_config
 from gptfl_ray.fl.strategies import ServerContext, build_strategy
 from gptfl_ray.fl.strategies.dynafed import (
     DynaFed,
@@ -20,8 +20,8 @@ from gptfl_ray.fl.strategies.dynafed import (
     sample_segment,
     synthesize,
 )
-from gptfl_ray.io import load_weights, read_jsonl
 from gptfl_ray.models import build_model
+from tests.fl_runs import run_and_resume, tiny_config
 
 SHAPE, C = (1, 4, 4), 3
 D = 16  # flattened input size
@@ -210,47 +210,25 @@ def test_state_dict_resumes_the_trajectory_and_the_synthetic_set_bit_identically
         assert torch.equal(run(b, x, range(stop + 1, 5)), full)
 
 
-CFG = {
-    "data": {"dataset": "mnist", "test_split": "holdout", "num_test": 200, "num_train": 600},
-    "partition": {"method": "dirichlet", "num_clients": 6, "alpha": 0.5},
-    "model": {"name": "convnet", "width": 8},
-    "fl": {
-        "strategy": {
-            "name": "dynafed",
-            "trajectory_length": 2,  # θ_0, θ_1: synthesis in round 1, fine-tune in round 2
-            "expert_epochs": 1,
-            "min_average": 1,
-            "ipc": 1,
-            "iterations": 3,
-            "syn_steps": 2,
-            "distill_iter": 2,
-        },
-        "rounds": 2,
-        "clients_per_round": 3,
-        "checkpoint_every": 1,
-        "local": {"epochs": 1, "batch_size": 32, "optimizer": {"name": "sgd", "lr": 0.05}},
-        "num_actors": 1,
-    },
+DYNAFED = {
+    "name": "dynafed",
+    "trajectory_length": 2,  # θ_0, θ_1: synthesis in round 1, fine-tune in round 2
+    "expert_epochs": 1,
+    "min_average": 1,
+    "ipc": 1,
+    "iterations": 3,
+    "syn_steps": 2,
+    "distill_iter": 2,
 }
 
 
 def cfg(**fl):
-    return validate_config({**CFG, "fl": {**CFG["fl"], **fl}})
+    return tiny_config(DYNAFED, fl=fl)
 
 
 def test_dynafed_runs_on_ray_resumes_bit_identically_and_counts_fedavg_bytes(ray_session, data_dir, tmp_path):
-    full = run_federated(cfg(), seed=0, out_dir=tmp_path / "full")
-    run_federated(cfg(rounds=1), seed=0, out_dir=tmp_path / "part")
-    resumed = run_federated(cfg(), seed=0, out_dir=tmp_path / "part", resume=True)
-    assert resumed["final_accuracy"] == full["final_accuracy"]
-    a, b = (
-        load_weights(tmp_path / "full/final.safetensors"),
-        load_weights(tmp_path / "part/final.safetensors"),
-    )
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
+    recs = run_and_resume(cfg, tmp_path)  # the same final weights, accuracies and strategy_info on resume
     size = VectorLayout.of(build_model("convnet", 10, (1, 28, 28), width=8)).size
-    recs = read_jsonl(tmp_path / "full/metrics.jsonl")
     for rec in recs:
         assert rec["num_updates"] == 3
         assert rec["params_down"] == rec["params_up"] == 3 * size  # models down and up, as FedAvg

@@ -7,11 +7,11 @@ import torch
 
 from gptfl_ray.config import ConfigError, StrategyConfig, validate_config
 from gptfl_ray.fl.flat import FlatModel, VectorLayout
-from gptfl_ray.fl.runner import check_fl_config, run_federated
+from gptfl_ray.fl.runner import check_fl_config
 from gptfl_ray.fl.strategies import PublicData, ServerContext, build_strategy
 from gptfl_ray.fl.strategies.feddf import ensemble_probs
-from gptfl_ray.io import load_weights, read_jsonl
 from gptfl_ray.models import build_model
+from tests.fl_runs import run_and_resume, tiny_config, tiny_raw
 
 SHAPE = (1, 8, 8)
 
@@ -94,40 +94,18 @@ def test_early_stopping_keeps_the_best_student_on_the_held_out_slice():
     assert kl(target, logits_of(out, x[val])) == pytest.approx(info["val_kl"], rel=1e-4)
 
 
-CFG = {
-    "data": {"dataset": "mnist", "test_split": "holdout", "num_test": 200, "num_train": 600},
-    "partition": {"method": "dirichlet", "num_clients": 6, "alpha": 0.5},
-    "model": {"name": "convnet", "width": 8},
-    "public_data": {"source": "holdout", "num": 120},
-    "fl": {
-        "strategy": {"name": "feddf", "steps": 20, "eval_every": 5, "batch_size": 32},
-        "rounds": 2,
-        "clients_per_round": 3,
-        "checkpoint_every": 1,
-        "local": {"epochs": 1, "batch_size": 32, "optimizer": {"name": "sgd", "lr": 0.05}},
-        "num_actors": 1,
-    },
-}
+FEDDF = {"name": "feddf", "steps": 20, "eval_every": 5, "batch_size": 32}
+PUBLIC = {"source": "holdout", "num": 120}
+CFG = tiny_raw(FEDDF, public_data=PUBLIC)
 
 
 def cfg(**fl):
-    raw = {**CFG, "fl": {**CFG["fl"], **fl}}
-    return validate_config(raw)
+    return tiny_config(FEDDF, fl=fl, public_data=PUBLIC)
 
 
 def test_feddf_runs_on_ray_resumes_bit_identically_and_counts_fedavg_bytes(ray_session, data_dir, tmp_path):
-    full = run_federated(cfg(), seed=0, out_dir=tmp_path / "full")
-    run_federated(cfg(rounds=1), seed=0, out_dir=tmp_path / "part")
-    resumed = run_federated(cfg(), seed=0, out_dir=tmp_path / "part", resume=True)
-    assert resumed["final_accuracy"] == full["final_accuracy"]
-    a, b = (
-        load_weights(tmp_path / "full/final.safetensors"),
-        load_weights(tmp_path / "part/final.safetensors"),
-    )
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
     size = VectorLayout.of(build_model("convnet", 10, (1, 28, 28), width=8)).size
-    for rec in read_jsonl(tmp_path / "full/metrics.jsonl"):
+    for rec in run_and_resume(cfg, tmp_path):
         assert rec["num_updates"] == 3
         assert rec["params_down"] == rec["params_up"] == 3 * size  # models down and up, as FedAvg
         assert rec["bytes_up"] == 4 * 3 * size

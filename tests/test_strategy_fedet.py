@@ -3,23 +3,22 @@ head copy, and 2 rounds on Ray with a large server model (exact resume, traffic 
 
 from __future__ import annotations
 
-import json
 import math
-import time
 
 import pytest
 import torch
 from torch import nn
 
 import gptfl_ray.fl.strategies.fedet  # noqa: F401  (registers "fedet")
-from gptfl_ray.config import ConfigError, validate_config
+from gptfl_ray.config import ConfigError
 from gptfl_ray.fl.flat import VectorLayout
-from gptfl_ray.fl.runner import check_fl_config, prepare_federated_data, run_federated
+from gptfl_ray.fl.runner import check_fl_config
 from gptfl_ray.fl.strategies import ClientResult, PublicData, ServerContext, build_strategy
 from gptfl_ray.fl.strategies.fedet import FedET, diversity_kl, weighted_consensus
-from gptfl_ray.io import load_weights, read_jsonl
+from gptfl_ray.io import load_weights
 from gptfl_ray.models import build_model
 from gptfl_ray.models.heads import classifier_head, features_and_logits, head_slices
+from tests.fl_runs import run_and_resume, tiny_config
 
 
 # ------------------------------------------------------------------------ consensus and diversity
@@ -211,42 +210,26 @@ def test_small_model_without_client_model_starts_from_the_server_model():
 
 
 # ------------------------------------------------------------------------------------ end to end
-def fedet_cfg(rounds: int, **fl):
-    raw = {
-        "data": {"dataset": "mnist", "test_split": "holdout", "num_test": 200, "num_train": 600},
-        "partition": {"method": "dirichlet", "num_clients": 6, "alpha": 0.5},
-        "public_data": {"source": "holdout", "num": 200},
-        "model": {"name": "cnn"},
-        "fl": {
-            "strategy": {"name": "fedet", "steps": 4},
-            "client_model": {"name": "convnet", "width": 8},
-            "rounds": rounds,
-            "clients_per_round": 3,
-            "checkpoint_every": 1,
-            "local": {"epochs": 1, "batch_size": 32, "optimizer": {"name": "sgd", "lr": 0.05}},
-            "num_actors": 1,
-        },
-    }
-    raw["fl"].update(fl)
-    return validate_config(json.loads(json.dumps(raw)))
+def fedet_cfg(rounds: int = 2, **fl):
+    """A cnn server model distilled from convnet (width 8) clients."""
+    fl = {"client_model": {"name": "convnet", "width": 8}, "rounds": rounds, **fl}
+    return tiny_config(
+        {"name": "fedet", "steps": 4},
+        fl=fl,
+        model={"name": "cnn"},
+        public_data={"source": "holdout", "num": 200},
+    )
 
 
 def test_two_rounds_on_ray_resume_and_traffic(ray_session, data_dir, tmp_path):
-    t0 = time.perf_counter()
-    data = prepare_federated_data(fedet_cfg(2), seed=0)
-    ref, part = tmp_path / "ref", tmp_path / "part"
-    run_federated(fedet_cfg(2), seed=0, out_dir=ref, data=data)
-    run_federated(fedet_cfg(1), seed=0, out_dir=part, data=data)
-    run_federated(fedet_cfg(2), seed=0, out_dir=part, data=data, resume=True)
-    wa, wb = load_weights(ref / "final.safetensors"), load_weights(part / "final.safetensors")
+    recs = run_and_resume(fedet_cfg, tmp_path)  # full/ and part/ + resume: the same final weights
+    wa = load_weights(tmp_path / "full" / "final.safetensors")
     server_keys = set(build_model("cnn", 10, (1, 28, 28)).state_dict())
-    assert set(wa) == set(wb) == server_keys  # the evaluated (and saved) model is the server's cnn
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert set(wa) == server_keys  # the evaluated (and saved) model is the server's cnn
 
     # convnet width 8 on 28×28: 3 × [conv3×3 + GroupNorm(affine)] then Linear(8·3·3 → 10)
     small = (1 * 8 * 9 + 8) + 2 * 8 + 2 * ((8 * 8 * 9 + 8) + 2 * 8) + (72 * 10 + 10)
     assert small == 2026 == VectorLayout.of(build_model("convnet", 10, (1, 28, 28), width=8)).size
-    recs = read_jsonl(ref / "metrics.jsonl")
     assert [r["round"] for r in recs] == [1, 2]
     for r in recs:
         assert r["params_down"] == r["params_up"] == 3 * small
@@ -255,8 +238,6 @@ def test_two_rounds_on_ray_resume_and_traffic(ray_session, data_dir, tmp_path):
         assert info["steps"] == 4 and info["head_transfer"] == "distill"  # cnn head 128→10, convnet 72→10
         assert 0 <= info["disagreement_rate"] <= 1 and 0 <= info["diverse_samples"] <= 1
         assert 0 <= r["accuracy"] <= 1
-    assert [r["accuracy"] for r in read_jsonl(part / "metrics.jsonl")] == [r["accuracy"] for r in recs]
-    assert time.perf_counter() - t0 < 120
 
 
 # ------------------------------------------------------------------------------------ refusals

@@ -13,13 +13,13 @@ import torch
 from torch import nn
 
 import gptfl_ray.fl.strategies.fedgen  # noqa: F401  (registers "fedgen")
-from gptfl_ray.config import ConfigError, StrategyConfig, validate_config
+from gptfl_ray.config import ConfigError, StrategyConfig
 from gptfl_ray.fl.flat import FlatModel, VectorLayout
-from gptfl_ray.fl.runner import check_fl_config, run_federated
+from gptfl_ray.fl.runner import check_fl_config
 from gptfl_ray.fl.strategies import ClientContext, ClientResult, ServerContext, build_strategy
 from gptfl_ray.fl.strategies.fedgen import label_weights, teacher_loss
-from gptfl_ray.io import load_weights, read_jsonl
 from gptfl_ray.models import build_model
+from tests.fl_runs import run_and_resume, tiny_config
 
 IN, FEAT, C, HID, NOISE = 4, 3, 3, 8, 4
 SMALL = {"generator_hidden_dim": HID, "noise_dim": NOISE}
@@ -240,49 +240,21 @@ def test_client_without_generator_only_counts_labels():
 
 
 # ------------------------------------------------------------------------------------ on Ray
-CFG = {
-    "data": {"dataset": "mnist", "test_split": "holdout", "num_test": 200, "num_train": 600},
-    "partition": {"method": "dirichlet", "num_clients": 6, "alpha": 0.5},
-    "model": {"name": "convnet", "width": 8},
-    "fl": {
-        "strategy": {"name": "fedgen", "generator_steps": 5},
-        "rounds": 2,
-        "clients_per_round": 3,
-        "checkpoint_every": 1,
-        "local": {"epochs": 1, "batch_size": 32, "optimizer": {"name": "sgd", "lr": 0.05}},
-        "num_actors": 1,
-    },
-}
-
-
 def cfg(**fl):
-    return validate_config({**CFG, "fl": {**CFG["fl"], **fl}})
+    return tiny_config({"name": "fedgen", "generator_steps": 5}, fl=fl)
 
 
 def test_fedgen_runs_on_ray_resumes_bit_identically_and_counts_bytes(ray_session, data_dir, tmp_path):
-    full = run_federated(cfg(), seed=0, out_dir=tmp_path / "full")
-    run_federated(cfg(rounds=1), seed=0, out_dir=tmp_path / "part")
-    resumed = run_federated(cfg(), seed=0, out_dir=tmp_path / "part", resume=True)
-    assert resumed["final_accuracy"] == full["final_accuracy"]
-    a, b = (
-        load_weights(tmp_path / "full/final.safetensors"),
-        load_weights(tmp_path / "part/final.safetensors"),
-    )
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
+    recs = run_and_resume(cfg, tmp_path)  # the same final weights, accuracies and strategy_info on resume
     size = VectorLayout.of(build_model("convnet", 10, (1, 28, 28), width=8)).size
     feat, hid, noise = 72, 256, 32  # convnet width 8 on 28×28: 8·3·3 features; the reference G sizes
     g_size = (noise + 10) * hid + hid + 2 * hid + hid * feat + feat + 2 * hid
-    recs = read_jsonl(tmp_path / "full/metrics.jsonl")
     assert [r["params_down"] for r in recs] == [3 * size, 3 * (size + g_size + 10 + 2)]  # G, mask, (α_t, β_t)
     for rec in recs:
         assert rec["num_updates"] == 3
         assert rec["params_up"] == 3 * (size + 10) and rec["bytes_up"] == 4 * rec["params_up"]
         info = rec["strategy_info"]
         assert info["generator_steps"] == 5 and np.isfinite(info["teacher_loss_mean"])
-    assert [r["strategy_info"] for r in read_jsonl(tmp_path / "part/metrics.jsonl")] == [
-        r["strategy_info"] for r in recs
-    ]
 
 
 def test_fedgen_is_refused_under_secure_aggregation():
