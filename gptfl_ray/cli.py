@@ -19,6 +19,7 @@ import traceback
 from typing import Any, NoReturn
 
 from gptfl_ray.config import MAX_SEED, ConfigError, load_config
+from gptfl_ray.console import set_verbose
 from gptfl_ray.errors import UserError, shorten
 
 __all__ = ["COMMANDS", "UserError", "build_parser", "main"]
@@ -233,6 +234,7 @@ def _check_command(args: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    set_verbose(args.verbose)  # Ray's own logs on the console only with -v
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -24,6 +24,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -64,11 +65,35 @@ class AudioConfig(Section):
     trim_silence: bool = True
 
 
+class HFDataConfig(Section):
+    """A Hugging Face dataset saved with ``save_to_disk`` (a folder) or as Parquet/Arrow files (``data.dataset: hf``)."""
+
+    path: Path  # a save_to_disk folder, a .parquet/.arrow file, or a folder of them
+    split: str = "train"  # the split used as the federated pool (a "test" split, if present, is the test set)
+    image_column: str | None = None  # exactly one of image_column / audio_column
+    audio_column: str | None = None
+    label_column: str = "label"
+    group_column: str | None = None  # natural client ids (e.g. speaker), for partition.method natural
+
+    @model_validator(mode="after")
+    def _one_input_column(self) -> HFDataConfig:
+        if (self.image_column is None) == (self.audio_column is None):
+            raise PydanticCustomError("hf_column", "set exactly one of image_column and audio_column")
+        return self
+
+
+# Fields of DataConfig added for user data: not dumped while unset, so configs, run folders and cache keys of
+# the built-in datasets stay what they were.
+_OWN_DATA_FIELDS = ("image_size", "group_regex", "hf")
+
+
 class DataConfig(Section):
-    dataset: Literal["mnist", "fsdd", "speech_commands", "esc50", "cifar10", "cifar100", "flowers102"] = (
-        "mnist"
-    )
+    # A registered dataset (gptfl_ray/data/base.py:known_datasets) or "module:function" returning the data.
+    dataset: str = "mnist"
     root: Path | None = None  # dataset root; default: <data dir>/<dataset>
+    image_size: int | None = Field(None, gt=0)  # own image data: resize to this square side (None = keep)
+    group_regex: str | None = None  # audiofolder: first group of this regex on the file name = speaker/group
+    hf: HFDataConfig | None = None  # data.dataset hf: where and which columns
     # Held-out test set. "official" uses the dataset's own split; "holdout" carves num_test samples
     # out of the available pool (MNIST here ships only its 10k test set).
     test_split: Literal["official", "holdout"] = "official"
@@ -76,6 +101,44 @@ class DataConfig(Section):
     num_train: int | None = Field(None, gt=0)  # cap on the federated pool (None = all)
     split_seed: Seed = 0
     audio: AudioConfig = AudioConfig()
+
+    @field_validator("dataset")
+    @classmethod
+    def _check_dataset(cls, value: str) -> str:
+        from gptfl_ray.data.base import dataset_error
+
+        if err := dataset_error(value):
+            raise PydanticCustomError("dataset_name", err)
+        return value
+
+    @field_validator("group_regex")
+    @classmethod
+    def _check_regex(cls, value: str | None) -> str | None:
+        import re
+
+        if value is not None:
+            try:
+                if re.compile(value).groups < 1:
+                    raise PydanticCustomError("group_regex", "needs a capturing group (the group id)")
+            except re.error as err:
+                raise PydanticCustomError("group_regex", "invalid regex: {err}", {"err": str(err)}) from None
+        return value
+
+    @model_validator(mode="after")
+    def _check_options(self) -> DataConfig:
+        from gptfl_ray.data.base import options_error
+
+        if err := options_error(self):
+            raise PydanticCustomError("data_options", err)
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_own_data(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        for key in _OWN_DATA_FIELDS:
+            if out.get(key) is None:
+                out.pop(key, None)
+        return out
 
 
 class PartitionConfig(Section):
@@ -91,6 +154,17 @@ class ModelConfig(Section):
     name: str = "convnet"
     # Channel width of models that have one (gptfl_ray/models/specs.py:WIDTH_MODELS); an error for the others.
     width: int | None = Field(None, gt=0)
+    # Starting weights (a .safetensors or torch.save'd state dict, see gptfl_ray/models/weights.py): GPT-FL's
+    # pretraining starts from them, and `gptfl run` adds the arm "pretrained-init" (FL from them).
+    weights: Path | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_weights(self, handler: Any) -> dict[str, Any]:
+        # Unset: not dumped, so configs, run folders and cache keys from before the field stay the same.
+        out = handler(self)
+        if out.get("weights") is None:
+            out.pop("weights", None)
+        return out
 
     @field_validator("name")
     @classmethod
@@ -388,6 +462,18 @@ class BaselineConfig(Section):
     init: Literal["random", "pretrained"] = "random"
 
 
+class MLflowConfig(Section):
+    """MLflow tracking of `gptfl run` and `gptfl sweep` (see gptfl_ray/tracking.py)."""
+
+    enabled: bool = True
+    uri: str | None = None  # None: a local file store, file://<run or sweep folder>/mlruns
+    experiment: str | None = None  # None: the run's (or sweep's) name
+
+
+class TrackingConfig(Section):
+    mlflow: MLflowConfig = MLflowConfig()
+
+
 class RunConfig(Section):
     name: FolderName = "run"
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
@@ -404,6 +490,7 @@ class RunConfig(Section):
     fl: FLConfig = FLConfig()
     public_data: PublicDataConfig = PublicDataConfig()
     baselines: list[BaselineConfig] = Field(default_factory=list)
+    tracking: TrackingConfig = TrackingConfig()  # where results are logged, not what they are
 
 
 # --------------------------------------------------------------------------------------- loading

@@ -47,12 +47,12 @@ from gptfl_ray.data.base import get_spec
 from gptfl_ray.errors import InputError
 from gptfl_ray.io import atomic_write_json, read_json, save_weights
 from gptfl_ray.models import build_model
+from gptfl_ray.models.registry import install_models, plugin_models
+from gptfl_ray.models.weights import load_model_weights, weights_identity
 from gptfl_ray.training import evaluate, make_optimizer
 
 log = logging.getLogger(__name__)
 
-# Image datasets whose classes survive a horizontal flip (digits and glyphs do not).
-FLIP_OK = {"cifar10", "cifar100", "flowers102"}
 # Rows per chunk pulled from Ray Data: fixed, so the shuffle never sees the (machine-dependent) block boundaries.
 CHUNK_ROWS = 1024
 # Rows the shuffle buffer keeps; an epoch of fewer than 1.5x this many rows is one exact seeded permutation.
@@ -196,9 +196,12 @@ def _train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(seed)  # the same init on every worker (DDP also broadcasts rank 0's)
     cfg = RunConfig.model_validate(config["run_cfg"])
     pcfg = cfg.pretrain
+    install_models(config.get("models"))  # `module:callable` models, resolved on the driver
     model = build_model(
         cfg.model.name, config["num_classes"], tuple(config["input_shape"]), width=cfg.model.width
     )
+    if config.get("init_weights"):  # model.weights (a head of another shape stays fresh, seeded alike)
+        load_model_weights(model, config["init_weights"])
     model = ray.train.torch.prepare_model(model)
     opt = make_optimizer(model.parameters(), pcfg.optimizer)
     steps = steps_per_epoch(config["num_train"], pcfg.batch_size, world)
@@ -342,8 +345,9 @@ def data_context() -> Iterator[None]:
 
 def pretrain_key(cfg: RunConfig, synthetic_id: str, seed: int) -> str:
     """Config hash identifying a pretraining output: the synthetic set (``synthetic_identity``), the model, the
-    recipe and the seed."""
-    return config_hash(synthetic_id, cfg.model, cfg.pretrain, cfg.data.audio, seed)
+    recipe and the seed; with ``model.weights``, that file's identity (path, size, mtime)."""
+    start = [weights_identity(cfg.model.weights)] if cfg.model.weights else []
+    return config_hash(synthetic_id, cfg.model, cfg.pretrain, cfg.data.audio, seed, *start)
 
 
 def fit(
@@ -377,9 +381,12 @@ def fit(
         "input_shape": list(shape),
         "num_train": num_train,
         "cpus_per_worker": pcfg.cpus_per_worker,
-        "modality": get_spec(cfg.data.dataset).modality,
-        "flip": cfg.data.dataset in FLIP_OK,
+        "modality": get_spec(cfg.data, cfg.data_dir).modality,
+        # only where the dataset's classes survive a horizontal flip (not digits, glyphs)
+        "flip": get_spec(cfg.data, cfg.data_dir).hflip,
         "val_rows": val_rows,
+        "models": plugin_models([cfg.model.name]),
+        "init_weights": str(Path(cfg.model.weights).resolve()) if cfg.model.weights else None,
     }
     trainer = TorchTrainer(
         _train_loop,
@@ -402,7 +409,10 @@ def fit(
         ),
     )
     t0 = time.perf_counter()
-    result = trainer.fit()
+    from gptfl_ray.console import epoch_progress
+
+    with epoch_progress(out_dir, pcfg.epochs, HISTORY_FILE):  # one console line per epoch, on the driver
+        result = trainer.fit()
     wall = time.perf_counter() - t0
     if result.checkpoint is None:
         raise RuntimeError(f"pretraining in {out_dir} produced no checkpoint")
@@ -463,7 +473,7 @@ def pretrain(
     if done.is_file() and (out_dir / "weights.safetensors").is_file():
         log.info("pretraining already finished in %s", out_dir)
         return read_json(done)
-    shape = input_shape(cfg.data.dataset, cfg.data.audio)
+    shape = input_shape(cfg.data, cfg.data.audio, cfg.data_dir)
     num_classes = len(dataset_label_names(cfg.data, cfg.data_dir))  # the reader maps labels to these classes
     train_rows, val_rows = split_rows(row_ids(synthetic_dir, manifest), cfg.pretrain.val_fraction, seed)
 

@@ -7,13 +7,23 @@ from contextlib import contextmanager
 from typing import Any
 
 
-def ensure_ray(address: str | None = None) -> Any | None:
-    """Initialise Ray unless it already is; returns the new context when this call started it, else None."""
+def ensure_ray(address: str | None = None, *, announce: bool = False) -> Any | None:
+    """Initialise Ray unless it already is; returns the new context when this call started it, else None.
+
+    Without ``-v`` (``gptfl_ray.console``) the workers' output and Ray's own progress logs stay in the session's
+    log files. ``announce``: print the dashboard URL when this call started Ray."""
     import ray
+
+    from gptfl_ray.console import quiet_ray, ray_init_kwargs
 
     if ray.is_initialized():
         return None
-    return ray.init(address=address, configure_logging=False)
+    ctx = ray.init(address=address, configure_logging=False, **ray_init_kwargs())
+    quiet_ray()
+    if announce:
+        url = getattr(ctx, "dashboard_url", None)
+        print(f"Ray dashboard: http://{url}" if url else "Ray dashboard: not running", flush=True)
+    return ctx
 
 
 @contextmanager
@@ -21,10 +31,7 @@ def ray_for(address: str | None = None, *, announce: bool = False) -> Iterator[N
     """Ray for the duration of a command; shut down afterwards only if this call started it."""
     import ray
 
-    ctx = ensure_ray(address)
-    if announce and ctx is not None:
-        url = getattr(ctx, "dashboard_url", None)
-        print(f"Ray dashboard: http://{url}" if url else "Ray dashboard: not running", flush=True)
+    ctx = ensure_ray(address, announce=announce)
     try:
         yield
     finally:

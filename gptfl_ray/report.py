@@ -182,6 +182,11 @@ def write_report(run_dir: Path, results: dict[str, Any]) -> Path:
         "",
         "`gptfl` = FL starting from the weights pretrained on synthetic data; the other arms are the baselines;",
         "`synthetic only` = the pretrained model evaluated on the real test set without any FL.",
+        *(
+            ["`pretrained-init` = FL starting from `model.weights` directly (no synthetic pretraining)."]
+            if "pretrained-init" in results.get("arms", {})
+            else []
+        ),
         "Gradient diversity = Σ‖Δᵢ‖² / ‖ΣΔᵢ‖² over a round's K client updates Δᵢ (Yin et al. 2018):",
         "1/K when they are identical, 1 when orthogonal, above 1 when they partly cancel out.",
         "",

@@ -38,11 +38,14 @@ from gptfl_ray.io import read_json
 log = logging.getLogger(__name__)
 
 GPTFL_ARM = "gptfl"
+# With `model.weights`: FL starting from those weights directly (no synthetic pretraining), the paper's question
+# of what GPT-FL adds to an existing pretrained model.
+PRETRAINED_INIT_ARM = "pretrained-init"
 # The only fields in which the CONFIG of a resumed run may differ from the run folder's config.yaml: where things
 # are and which cluster runs them. Every other field either changes what a step computes or is part of a step's
 # output key (the generate/pretrain/fl sections are hashed whole, resources included: a changed
 # fl.num_actors would silently start that arm afresh in a new folder), or names the results (name).
-NON_RESULT_FIELDS = ("output_dir", "data_dir", "ray_address")
+NON_RESULT_FIELDS = ("output_dir", "data_dir", "ray_address", "tracking")
 
 
 # ------------------------------------------------------------------------------------------ arms
@@ -58,9 +61,13 @@ def arm_config(cfg: RunConfig, baseline: BaselineConfig | None) -> RunConfig:
 
 
 def arms(cfg: RunConfig) -> list[tuple[str, RunConfig, bool]]:
-    """(arm name, arm config, starts from pretrained weights) for GPT-FL and each baseline."""
+    """(arm name, arm config, starts from pretrained weights) for GPT-FL, "pretrained-init" (when
+    ``model.weights`` is set: FL from those weights) and each baseline."""
     out = [(GPTFL_ARM, cfg, True)]
     names = {GPTFL_ARM}
+    if cfg.model.weights is not None:
+        out.append((PRETRAINED_INIT_ARM, cfg, True))
+        names.add(PRETRAINED_INIT_ARM)
     for b in cfg.baselines:
         if b.name in names:
             raise ConfigError(f"baselines: duplicate arm name {b.name!r}")
@@ -120,6 +127,25 @@ def step_pretrain(cfg: RunConfig, run_dir: Path, synthetic: Path, seed: int, tes
     out = run_dir / f"pretrain-{pretrain_key(cfg, synthetic.name, seed)}-seed{seed}"
     metrics = pretrain(cfg, synthetic, out, seed=seed, test=test)
     return out / "weights.safetensors", metrics
+
+
+def step_init_weights(cfg: RunConfig, run_dir: Path, seed: int, data) -> Path:
+    """The pretrained-init arm's starting state: the seed's fresh model with ``model.weights`` loaded into it
+    (a head of another shape keeps the seed's fresh initialisation, as FL's own random init would draw it)."""
+    import torch
+
+    from gptfl_ray.io import save_weights
+    from gptfl_ray.models import build_model
+    from gptfl_ray.models.weights import load_model_weights, weights_identity
+
+    key = config_hash(cfg.model, weights_identity(cfg.model.weights), data.num_classes, data.input_shape)
+    out = run_dir / f"init-{key}-seed{seed}.safetensors"
+    if not out.is_file():
+        torch.manual_seed(seed)  # as run_federated seeds its model
+        model = build_model(cfg.model.name, data.num_classes, data.input_shape, width=cfg.model.width)
+        load_model_weights(model, cfg.model.weights)
+        save_weights(out, model.state_dict(), metadata={"model": cfg.model.name})
+    return out
 
 
 def step_federate(arm_cfg: RunConfig, out: Path, seed: int, init: Path | None, data) -> dict:
@@ -183,6 +209,7 @@ def run(cfg: RunConfig, run_dir: Path, test: Any = None) -> dict[str, Any]:
     from gptfl_ray.fl.runner import prepare_federated_data
     from gptfl_ray.pretrain import real_test_tensors
     from gptfl_ray.report import run_accuracy, write_report
+    from gptfl_ray.tracking import Tracker
 
     resumed = check_resume(cfg, run_dir)  # an earlier invocation's work is in here
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -190,6 +217,8 @@ def run(cfg: RunConfig, run_dir: Path, test: Any = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     if test is None:
         test = real_test_tensors(cfg, required=True)  # the real data must exist before hours of generation
+    tracker = Tracker(cfg, run_dir)  # MLflow: never fatal (gptfl_ray/tracking.py)
+    tracker.start()
     label_names = step_labels(cfg, run_dir)
     synthetic = step_generate(cfg, run_dir, label_names)
     results: dict[str, Any] = {
@@ -202,6 +231,7 @@ def run(cfg: RunConfig, run_dir: Path, test: Any = None) -> dict[str, Any]:
     }
     for seed in cfg.seeds:
         weights, pre = step_pretrain(cfg, run_dir, synthetic, seed, test)
+        tracker.log_pretrain(seed, weights.parent, pre)
         results["synthetic_only"][str(seed)] = {
             "real_test_accuracy": pre.get("real_test_accuracy"),
             "val_accuracy": pre.get("final_val_accuracy"),
@@ -211,8 +241,12 @@ def run(cfg: RunConfig, run_dir: Path, test: Any = None) -> dict[str, Any]:
         public_key = synthetic.name if cfg.public_data.source == "synthetic" else None
         for arm, arm_cfg, from_pretrained in arms(cfg):
             init = weights if from_pretrained else None
-            out = fl_dir(run_dir, arm, arm_cfg, seed, weights.parent.name if init else "random", public_key)
+            if arm == PRETRAINED_INIT_ARM:
+                init = step_init_weights(cfg, run_dir, seed, data)
+            out = fl_dir(run_dir, arm, arm_cfg, seed, _init_key(init, weights), public_key)
+            tracker.start_arm(arm, arm_cfg, seed, out)  # a resumed arm logs into the same MLflow run
             summary = step_federate(arm_cfg, out, seed, init, data)
+            tracker.log_arm(arm, arm_cfg, seed, out)
             results["arms"].setdefault(arm, {})[str(seed)] = {
                 "dir": str(out.relative_to(run_dir)),
                 "final_accuracy": run_accuracy(summary),  # the isolated control's: its mean client accuracy
@@ -220,7 +254,15 @@ def run(cfg: RunConfig, run_dir: Path, test: Any = None) -> dict[str, Any]:
     results["wall_time_s"] = time.perf_counter() - t0
     results["resumed"] = resumed
     report = write_report(run_dir, results)
+    tracker.finish(report)
     return {"results": results, "report": report}
+
+
+def _init_key(init: Path | None, pretrained: Path) -> str:
+    """The part of an FL folder's key naming where it starts (the pretrain folder's name, as before)."""
+    if init is None:
+        return "random"
+    return pretrained.parent.name if init == pretrained else init.stem
 
 
 def new_run_dir(cfg: RunConfig, output: str | None) -> Path:

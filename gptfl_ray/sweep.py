@@ -30,6 +30,7 @@ an unfinished FL trial continues from its own checkpoint. The sweep ends with th
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import re
 import time
@@ -51,12 +52,13 @@ from gptfl_ray.config import (
     read_yaml,
     validate_config,
 )
+from gptfl_ray.console import verbose
+from gptfl_ray.data.base import get_spec
 from gptfl_ray.io import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
 SPECIAL_KEYS = ("init", "seed")
-IMAGE_DATASETS = {"mnist", "cifar10", "cifar100", "flowers102"}
 
 
 class SweepArm(Section):
@@ -131,7 +133,7 @@ def load_sweep(
     dotted = dict(sweep.set)
     if smoke:
         probe = validate_config(apply_overrides(base, [_kv(k, v) for k, v in dotted.items()]), str(base_path))
-        modality = "image" if probe.data.dataset in IMAGE_DATASETS else "audio"
+        modality = get_spec(probe.data, probe.data_dir).modality
         dotted.update(
             {**(SMOKE_IMAGE if modality == "image" else SMOKE_AUDIO), **SMOKE_COMMON, **sweep.smoke}
         )
@@ -328,6 +330,39 @@ def trial_resources(cfg: RunConfig):
 
 
 # ------------------------------------------------------------------------------------------ driver
+def flat_params(sweep_cfg: SweepConfig, point: dict[str, Any]) -> dict[str, Any]:
+    """A grid point's readable params: arm, seed, init and the value of every swept (dotted) config key."""
+    keys = [k for k in sweep_cfg.grid if k not in ("seed", "init")]
+    keys += [k for arm in sweep_cfg.arms for k in arm.set if k not in keys]
+    out: dict[str, Any] = {"arm": point["arm"], "seed": point["seed"], "init": point["init"]}
+    for key in keys:
+        node: Any = point["run"]
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        out[key] = node if node is None or isinstance(node, bool | int | float | str) else json.dumps(node)
+    return out
+
+
+def _trial_config(spec: dict[str, Any]) -> dict[str, Any]:
+    """The trial config a ``sample_from`` function is given: Tune hands over the config or the experiment spec
+    holding it (``config``), depending on its version."""
+    return spec["config"] if "config" in spec and "point" not in spec else spec
+
+
+def flat_param_space(sweep_cfg: SweepConfig, points: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tune ``sample_from`` entries copying each trial's flat params out of its grid point."""
+    from ray import tune
+
+    for p in points:
+        p["params"] = flat_params(sweep_cfg, p)
+    if not points:
+        return {}
+    return {
+        key: tune.sample_from(lambda spec, key=key: _trial_config(spec)["point"]["params"].get(key))
+        for key in points[0]["params"]
+    }
+
+
 def sweep(
     sweep_cfg: SweepConfig,
     run: RunConfig,
@@ -339,6 +374,7 @@ def sweep(
     from ray import tune
 
     from gptfl_ray.report import write_report
+    from gptfl_ray.tracking import tracking_callbacks
 
     started = time.perf_counter()
     sweep_dir = Path(sweep_dir).resolve()
@@ -348,7 +384,9 @@ def sweep(
         p["kind"] = sweep_cfg.kind
     build_shared(points, Path(shared_dir) if shared_dir else sweep_dir / "shared")
     for p in points:
-        key = config_hash(p["run"], p["init"], p.get("init_weights"), p["seed"], length=8)
+        # `tracking` says where results are logged, not what they are: trial folders keep their key without it
+        run_key = {k: v for k, v in p["run"].items() if k != "tracking"}
+        key = config_hash(run_key, p["init"], p.get("init_weights"), p["seed"], length=8)
         if p.get("synthetic_dir"):  # older trial folders (no public data) keep their key
             key = config_hash(key, Path(p["synthetic_dir"]).name, length=8)
         p["trial_dir"] = str(sweep_dir / "trials" / f"{_slug(p['arm'])}-seed{p['seed']}-{key}")
@@ -362,7 +400,9 @@ def sweep(
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={"point": tune.grid_search(points)},
+            # `point` drives the trial; the flat keys beside it (arm, seed, init, the grid's dotted keys) are
+            # what the MLflow UI and TensorBoard's HParams view show
+            param_space={"point": tune.grid_search(points), **flat_param_space(sweep_cfg, points)},
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=sweep_cfg.max_concurrent_trials,
                 trial_name_creator=lambda t: _slug(t.config["point"]["arm"])[:60],
@@ -372,6 +412,8 @@ def sweep(
                 name=sweep_cfg.name,
                 storage_path=storage,
                 failure_config=tune.FailureConfig(max_failures=sweep_cfg.max_failures),
+                callbacks=tracking_callbacks(run, sweep_dir, sweep_cfg.name),
+                verbose=None if verbose() else 1,  # quiet: Tune's status table only, not every result
             ),
         )
     grid = tuner.fit()

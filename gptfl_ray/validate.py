@@ -65,7 +65,7 @@ def _dataset_spec(cfg: RunConfig):
     from gptfl_ray.data.base import get_spec
 
     try:
-        return get_spec(cfg.data.dataset)
+        return get_spec(cfg.data, cfg.data_dir)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
@@ -137,17 +137,23 @@ def check_model(cfg: RunConfig, model: ModelConfig | None = None, field: str = "
 
     model = model or cfg.model
     spec = _dataset_spec(cfg)
-    shape = input_shape(cfg.data.dataset, cfg.data.audio)
+    shape = input_shape(cfg.data, cfg.data.audio, cfg.data_dir)
     try:
         with torch.device("meta"):
             net = build_model(model.name, spec.num_classes, shape, width=model.width)
             net.eval()(torch.empty((2, *shape)))
+    except ConfigError:  # a module:callable model that does not import or build: already one line
+        raise
     except (ValueError, RuntimeError) as err:
         text = str(err).strip()
         first = shorten(text.splitlines()[0].removeprefix("model: ") if text else type(err).__name__, 200)
         raise ConfigError(
             f"{field}.name: {model.name!r} does not fit {cfg.data.dataset} inputs {tuple(shape)}: {first}"
         ) from None
+    if model.weights is not None:  # the file reads and its keys and shapes fit (head shapes may differ)
+        from gptfl_ray.models.weights import match_weights, read_state_dict
+
+        match_weights(net, read_state_dict(model.weights), model.weights)
 
 
 def check_arms(cfg: RunConfig, *, baselines: bool = True) -> None:

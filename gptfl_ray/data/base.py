@@ -1,12 +1,27 @@
-"""Dataset containers and per-dataset facts (modality, shape, label names, label text)."""
+"""Dataset containers, the per-dataset fact sheet (``DatasetSpec``) and the one registry of datasets.
+
+Every dataset is one module under ``gptfl_ray/data/`` that declares a ``DatasetSpec`` (name, modality, label
+names, input shape facts, natural groups, official test split, valid augmentations) with its loader and
+registers it. Everything else in the package asks this registry (``get_spec``, ``known_datasets``) and never
+names a dataset. Datasets whose facts come from the data itself (``imagefolder``, ``audiofolder``, ``hf``,
+``module:function`` plugins) have a spec with ``from_data=True``; ``get_spec(data_cfg)`` then loads the data
+once per process and fills in modality, label names, image size and channels.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from gptfl_ray.errors import ConfigError
+
+if TYPE_CHECKING:
+    from gptfl_ray.config import DataConfig
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -52,95 +67,132 @@ class Splits:
     test: ArrayDataset  # held-out evaluation set
 
 
+# loader(data_cfg, root) -> Splits (an official test set) or ArrayDataset (a test set is held out)
+Loader = Callable[["DataConfig", Path], "Splits | ArrayDataset"]
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
+    """Everything the package knows about one dataset."""
+
     name: str
-    modality: str  # "image" | "audio"
+    modality: str  # "image" | "audio" ("" until read from the data)
     num_classes: int
-    label_names: tuple[str, ...]
+    label_names: tuple[str, ...]  # () = read from the data (see registry.label_names)
     image_size: int | None = None  # side of the square image models see
-    channels: int = 1
+    channels: int = 1  # 0 = as the data has them
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
     label_text: dict[str, str] = field(default_factory=dict)
     download_hint: str = ""
+    hflip: bool = False  # a horizontal flip keeps the class (valid pretraining augmentation)
+    natural_groups: bool = (
+        False  # the loader sets ArrayDataset.groups (speaker ids: partition.method natural)
+    )
+    test_split: str = "holdout"  # what data.test_split 'official' uses; "holdout" = none, one is carved out
+    loader: Loader | None = field(default=None, compare=False, repr=False)
+    from_data: bool = False  # modality/labels/shape are read from the data (get_spec(data_cfg) fills them)
+    options: tuple[str, ...] = ()  # the user-data fields of DataConfig it reads (image_size, group_regex, hf)
+    check: Callable[[DataConfig], str | None] | None = field(default=None, compare=False, repr=False)
 
 
-CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-
-SPECS: dict[str, DatasetSpec] = {
-    "mnist": DatasetSpec(
-        name="mnist",
-        modality="image",
-        num_classes=10,
-        label_names=tuple(str(i) for i in range(10)),
-        image_size=28,
-        channels=1,
-        mean=(0.1307,),
-        std=(0.3081,),
-        label_text={str(i): w for i, w in enumerate(DIGIT_WORDS)},
-        download_hint="official files at https://ossci-datasets.s3.amazonaws.com/mnist/ (where a network exists)",
-    ),
-    "fsdd": DatasetSpec(
-        name="fsdd",
-        modality="audio",
-        num_classes=10,
-        label_names=tuple(str(i) for i in range(10)),
-        label_text={str(i): w for i, w in enumerate(DIGIT_WORDS)},
-        download_hint="git clone https://github.com/Jakobovski/free-spoken-digit-dataset (where a network exists)",
-    ),
-    "speech_commands": DatasetSpec(
-        name="speech_commands",
-        modality="audio",
-        num_classes=35,
-        label_names=(),  # read from the folder layout
-        download_hint="torchvision-style download: http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz",
-    ),
-    "esc50": DatasetSpec(
-        name="esc50",
-        modality="audio",
-        num_classes=50,
-        label_names=(),  # read from meta/esc50.csv
-        download_hint="https://github.com/karolpiczak/ESC-50 (where a network exists)",
-    ),
-    "cifar10": DatasetSpec(
-        name="cifar10",
-        modality="image",
-        num_classes=10,
-        label_names=CIFAR10_NAMES,
-        image_size=32,
-        channels=3,
-        mean=(0.4914, 0.4822, 0.4465),
-        std=(0.2470, 0.2435, 0.2616),
-        download_hint="torchvision.datasets.CIFAR10(root, download=True) where a network exists",
-    ),
-    "cifar100": DatasetSpec(
-        name="cifar100",
-        modality="image",
-        num_classes=100,
-        label_names=(),  # read from the dataset's meta file
-        image_size=32,
-        channels=3,
-        mean=(0.5071, 0.4865, 0.4409),
-        std=(0.2673, 0.2564, 0.2762),
-        download_hint="torchvision.datasets.CIFAR100(root, download=True) where a network exists",
-    ),
-    "flowers102": DatasetSpec(
-        name="flowers102",
-        modality="image",
-        num_classes=102,
-        label_names=tuple(f"flower {i}" for i in range(102)),
-        image_size=224,
-        channels=3,
-        mean=(0.485, 0.456, 0.406),
-        std=(0.229, 0.224, 0.225),
-        download_hint="torchvision.datasets.Flowers102(root, download=True) where a network exists",
-    ),
-}
+# Modules under gptfl_ray/data/ that each register one dataset (or one kind of user data), in listing order.
+DATASET_MODULES = (
+    "mnist",
+    "fsdd",
+    "speech_commands",
+    "esc50",
+    "cifar10",
+    "cifar100",
+    "flowers102",
+    "imagefolder",
+    "audiofolder",
+    "hf",
+)
+_REGISTRY: dict[str, DatasetSpec] = {}
+_RESOLVED: dict[str, DatasetSpec] = {}  # config hash -> spec filled in from the data (this process)
 
 
-def get_spec(name: str) -> DatasetSpec:
+def register(spec: DatasetSpec) -> DatasetSpec:
+    """Add a dataset to the registry (called once at import by its module); returns the spec."""
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _load_modules() -> None:
+    if len(_REGISTRY) < len(DATASET_MODULES):
+        for mod in DATASET_MODULES:
+            importlib.import_module(f"gptfl_ray.data.{mod}")
+
+
+def known_datasets() -> list[str]:
+    """Registered dataset names (``module:function`` plugins come on top)."""
+    _load_modules()
+    return list(_REGISTRY)
+
+
+def dataset_error(name: str) -> str | None:
+    """Why ``name`` is not a valid ``data.dataset`` (None if it is)."""
+    if ":" in name:
+        from gptfl_ray.data.plugin import plugin_error
+
+        return plugin_error(name)
+    if name in known_datasets():
+        return None
+    return f"unknown dataset {name!r} (known: {', '.join(known_datasets())}, or module:function)"
+
+
+def options_error(cfg: DataConfig) -> str | None:
+    """Why ``cfg``'s user-data fields do not fit its dataset (None if they do)."""
+    spec = lookup(cfg.dataset)
+    for key in ("image_size", "group_regex", "hf"):
+        if getattr(cfg, key) is not None and key not in spec.options:
+            return f"data.{key} is not used by data.dataset {cfg.dataset!r}"
+    return spec.check(cfg) if spec.check else None
+
+
+def lookup(name: str) -> DatasetSpec:
+    """The registered spec of ``name`` (static facts only); a ``module:function`` gets the plugin spec."""
+    if ":" in name:
+        from gptfl_ray.data.plugin import plugin_spec
+
+        return plugin_spec(name)
+    _load_modules()
     try:
-        return SPECS[name]
+        return _REGISTRY[name]
     except KeyError:
-        raise ConfigError(f"data.dataset: unknown dataset {name!r} (known: {', '.join(SPECS)})") from None
+        raise ConfigError(f"data.dataset: {dataset_error(name)}") from None
+
+
+def get_spec(data: DataConfig | str, data_dir: str | Path | None = None) -> DatasetSpec:
+    """The dataset's facts. Given a ``DataConfig``, datasets read from the user's data are loaded (once per
+    process) and their modality, label names, image size and channels filled in; given a name, the static
+    spec is returned."""
+    if isinstance(data, str):
+        return lookup(data)
+    spec = lookup(data.dataset)
+    if not spec.from_data:
+        return spec
+    from gptfl_ray.config import config_hash
+    from gptfl_ray.data.registry import dataset_root, load_raw
+
+    root = dataset_root(data, data_dir)
+    key = config_hash(data, str(root))
+    if key not in _RESOLVED:
+        raw = load_raw(data, root)
+        _RESOLVED[key] = spec_from_data(spec, raw.train if isinstance(raw, Splits) else raw)
+    return _RESOLVED[key]
+
+
+def spec_from_data(spec: DatasetSpec, ds: ArrayDataset) -> DatasetSpec:
+    """``spec`` with modality, label names, image size and channels as ``ds`` has them."""
+    facts: dict[str, Any] = {
+        "modality": ds.modality,
+        "label_names": tuple(ds.label_names),
+        "num_classes": len(ds.label_names),
+        "natural_groups": ds.groups is not None,
+    }
+    if ds.modality == "image":
+        facts["image_size"] = int(ds.x.shape[1])
+        facts["channels"] = 1 if ds.x.ndim == 3 else int(ds.x.shape[3])
+    return replace(spec, **facts)

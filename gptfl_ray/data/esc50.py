@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gptfl_ray.config import AudioConfig
-from gptfl_ray.data.audio import load_clips
-from gptfl_ray.data.base import ArrayDataset, Splits, get_spec
+from gptfl_ray.config import AudioConfig, DataConfig
+from gptfl_ray.data.base import ArrayDataset, DatasetSpec, Splits, register
 from gptfl_ray.errors import InputError
 from gptfl_ray.paths import DataNotFoundError
 
@@ -23,8 +22,7 @@ def load_esc50(root: Path, audio: AudioConfig) -> Splits:
     meta = root / "meta" / "esc50.csv"
     if not meta.is_file():
         raise DataNotFoundError(
-            f"ESC-50 missing: put meta/esc50.csv and audio/*.wav under {root}/ "
-            f"({get_spec('esc50').download_hint})"
+            f"ESC-50 missing: put meta/esc50.csv and audio/*.wav under {root}/ ({SPEC.download_hint})"
         )
     with open(meta, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -33,6 +31,8 @@ def load_esc50(root: Path, audio: AudioConfig) -> Splits:
         raise InputError(f"{meta}: expected columns filename, fold, target, category")
     names: dict[int, str] = {int(r["target"]): r["category"].replace("_", " ") for r in rows}
     label_names = [names[i] for i in sorted(names)]
+    from gptfl_ray.data.audio import load_clips
+
     x = load_clips([root / "audio" / r["filename"] for r in rows], audio)
     full = ArrayDataset(
         x=x,
@@ -43,3 +43,20 @@ def load_esc50(root: Path, audio: AudioConfig) -> Splits:
     )
     is_test = np.array([int(r["fold"]) == TEST_FOLD for r in rows])
     return Splits(train=full.subset(np.flatnonzero(~is_test)), test=full.subset(np.flatnonzero(is_test)))
+
+
+def load(cfg: DataConfig, root: Path) -> Splits:
+    return load_esc50(root, cfg.audio)
+
+
+SPEC = register(
+    DatasetSpec(
+        name="esc50",
+        modality="audio",
+        num_classes=50,
+        label_names=(),  # read from meta/esc50.csv
+        download_hint="https://github.com/karolpiczak/ESC-50 (where a network exists)",
+        test_split=f"official: fold {TEST_FOLD}",
+        loader=load,
+    )
+)

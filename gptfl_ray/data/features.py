@@ -6,11 +6,13 @@ same input distribution the clients' data produces.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import torchaudio.transforms as AT
 
-from gptfl_ray.config import AudioConfig
+from gptfl_ray.config import AudioConfig, DataConfig
 from gptfl_ray.data.base import ArrayDataset, get_spec
 
 
@@ -39,11 +41,12 @@ def audio_input_shape(cfg: AudioConfig) -> tuple[int, int, int]:
 
 
 def image_tensor(x: np.ndarray, dataset: str) -> torch.Tensor:
-    """uint8 (N,H,W[,C]) -> normalised float32 (N,C,H,W) using the dataset's mean/std."""
+    """uint8 (N,H,W[,C]) -> normalised float32 (N,C,H,W) using the dataset's mean/std (the user's data keeps
+    its channels)."""
     spec = get_spec(dataset)
     t = torch.from_numpy(np.ascontiguousarray(x)).float().div_(255.0)
     t = t.unsqueeze(1) if t.ndim == 3 else t.permute(0, 3, 1, 2)
-    if t.shape[1] != spec.channels:
+    if spec.channels and t.shape[1] != spec.channels:
         t = t.mean(dim=1, keepdim=True) if spec.channels == 1 else t.expand(-1, spec.channels, -1, -1)
     mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
     std = torch.tensor(spec.std).view(1, -1, 1, 1)
@@ -65,8 +68,11 @@ def to_tensors(ds: ArrayDataset, dataset: str, audio: AudioConfig) -> tuple[torc
     return x, torch.from_numpy(np.asarray(ds.y, dtype=np.int64))
 
 
-def input_shape(dataset: str, audio: AudioConfig) -> tuple[int, int, int]:
-    spec = get_spec(dataset)
+def input_shape(
+    dataset: str | DataConfig, audio: AudioConfig, data_dir: str | Path | None = None
+) -> tuple[int, int, int]:
+    """(C, H, W) models see; datasets read from the user's data need their ``DataConfig``."""
+    spec = get_spec(dataset, data_dir)
     if spec.modality == "audio":
         return audio_input_shape(audio)
     return (spec.channels, spec.image_size, spec.image_size)

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gptfl_ray.config import AudioConfig
-from gptfl_ray.data.audio import load_clips
-from gptfl_ray.data.base import ArrayDataset, Splits, get_spec
+from gptfl_ray.config import AudioConfig, DataConfig
+from gptfl_ray.data.base import DIGIT_WORDS, ArrayDataset, DatasetSpec, Splits, register
 from gptfl_ray.errors import InputError
 from gptfl_ray.paths import DataNotFoundError
 
@@ -21,8 +20,7 @@ def load_fsdd(root: Path, audio: AudioConfig) -> Splits:
     files = sorted(rec.glob("*.wav")) if rec.is_dir() else []
     if not files:
         raise DataNotFoundError(
-            f"FSDD missing: put the WAV files as {rec}/<digit>_<speaker>_<index>.wav "
-            f"({get_spec('fsdd').download_hint})"
+            f"FSDD missing: put the WAV files as {rec}/<digit>_<speaker>_<index>.wav ({SPEC.download_hint})"
         )
     parsed = []
     for f in files:
@@ -30,6 +28,8 @@ def load_fsdd(root: Path, audio: AudioConfig) -> Splits:
         if m is None:
             raise InputError(f"{f}: not an FSDD file name (<digit>_<speaker>_<index>.wav)")
         parsed.append((f, int(m.group(1)), m.group(2), int(m.group(3))))
+    from gptfl_ray.data.audio import load_clips
+
     speakers = sorted({p[2] for p in parsed})
     spk_id = {s: i for i, s in enumerate(speakers)}
     x = load_clips([p[0] for p in parsed], audio)
@@ -39,10 +39,29 @@ def load_fsdd(root: Path, audio: AudioConfig) -> Splits:
     full = ArrayDataset(
         x=x,
         y=y,
-        label_names=list(get_spec("fsdd").label_names),
+        label_names=list(SPEC.label_names),
         modality="audio",
         sample_rate=audio.sample_rate,
         groups=groups,
         group_names=speakers,
     )
     return Splits(train=full.subset(np.flatnonzero(~is_test)), test=full.subset(np.flatnonzero(is_test)))
+
+
+def load(cfg: DataConfig, root: Path) -> Splits:
+    return load_fsdd(root, cfg.audio)
+
+
+SPEC = register(
+    DatasetSpec(
+        name="fsdd",
+        modality="audio",
+        num_classes=10,
+        label_names=tuple(str(i) for i in range(10)),
+        label_text={str(i): w for i, w in enumerate(DIGIT_WORDS)},
+        download_hint="git clone https://github.com/Jakobovski/free-spoken-digit-dataset (where a network exists)",
+        natural_groups=True,  # speaker
+        test_split="official: recordings with index 0-4",
+        loader=load,
+    )
+)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gptfl_ray.data.base import ArrayDataset, get_spec
+from gptfl_ray.config import DataConfig
+from gptfl_ray.data.base import DIGIT_WORDS, ArrayDataset, DatasetSpec, Splits, register
 from gptfl_ray.errors import InputError
 from gptfl_ray.paths import DataNotFoundError
 
@@ -53,7 +54,7 @@ def load_mnist(root: Path, split: str = "test", verify: bool = True) -> ArrayDat
     if missing:
         raise DataNotFoundError(
             f"MNIST {split} set missing: put {', '.join(p.name for p in missing)} in {root}/ "
-            f"({get_spec('mnist').download_hint})"
+            f"({SPEC.download_hint})"
         )
     if verify:
         for p in paths:
@@ -64,4 +65,30 @@ def load_mnist(root: Path, split: str = "test", verify: bool = True) -> ArrayDat
     x, y = read_idx(paths[0]), read_idx(paths[1]).astype(np.int64)
     if len(x) != len(y):
         raise InputError(f"{root}: {len(x)} images but {len(y)} labels")
-    return ArrayDataset(x=x, y=y, label_names=list(get_spec("mnist").label_names), modality="image")
+    return ArrayDataset(x=x, y=y, label_names=list(SPEC.label_names), modality="image")
+
+
+def load(cfg: DataConfig, root: Path) -> Splits | ArrayDataset:
+    """The official train/test split when the train files are there, else the test set alone (held out)."""
+    if (root / FILES["train"][0]).is_file() and cfg.test_split == "official":
+        return Splits(train=load_mnist(root, "train"), test=load_mnist(root, "test"))
+    return load_mnist(root, "test")
+
+
+SPEC = register(
+    DatasetSpec(
+        name="mnist",
+        modality="image",
+        num_classes=10,
+        label_names=tuple(str(i) for i in range(10)),
+        image_size=28,
+        channels=1,
+        mean=(0.1307,),
+        std=(0.3081,),
+        label_text={str(i): w for i, w in enumerate(DIGIT_WORDS)},
+        download_hint="official files at https://ossci-datasets.s3.amazonaws.com/mnist/ (where a network exists)",
+        hflip=False,  # digits do not survive a flip
+        test_split="official 10k test set when the 60k train files are present, else held out",
+        loader=load,
+    )
+)

@@ -83,8 +83,12 @@ def partition(
     if cfg.method == "dirichlet":
         return dirichlet(labels, cfg.num_clients, cfg.alpha, seed, cfg.min_size, cfg.balanced)
     if groups is None:
+        from gptfl_ray.data.base import known_datasets, lookup
+
+        having = [n for n in known_datasets() if lookup(n).natural_groups]
         raise ConfigError(
-            "partition.method: 'natural' needs a dataset with natural ids (e.g. fsdd, speech_commands)"
+            f"partition.method: 'natural' needs a dataset with natural ids (e.g. {', '.join(having)}"
+            " with data.group_regex)"
         )
     return natural(groups, cfg.sub_splits, seed)
 

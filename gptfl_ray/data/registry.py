@@ -7,43 +7,27 @@ from pathlib import Path
 import numpy as np
 
 from gptfl_ray.config import ConfigError, DataConfig
-from gptfl_ray.data.base import ArrayDataset, Splits, get_spec
+from gptfl_ray.data.base import ArrayDataset, Splits, get_spec, lookup
 from gptfl_ray.paths import data_dir as resolve_data_dir
 
 
 def dataset_root(cfg: DataConfig, data_dir: str | Path | None = None) -> Path:
-    return Path(cfg.root) if cfg.root else resolve_data_dir(data_dir) / cfg.dataset
+    """``data.root``; ``data.hf.path`` for Hugging Face data; the working folder for a ``module:function``;
+    else ``<data dir>/<dataset>``."""
+    if cfg.root:
+        return Path(cfg.root)
+    if cfg.hf is not None:
+        return Path(cfg.hf.path)
+    if ":" in cfg.dataset:
+        return Path()
+    return resolve_data_dir(data_dir) / cfg.dataset
 
 
-def _load_raw(cfg: DataConfig, root: Path) -> Splits | ArrayDataset:
-    if cfg.dataset == "mnist":
-        from gptfl_ray.data.mnist import load_mnist
-
-        if (root / "train-images-idx3-ubyte.gz").is_file() and cfg.test_split == "official":
-            return Splits(train=load_mnist(root, "train"), test=load_mnist(root, "test"))
-        return load_mnist(root, "test")
-    if cfg.dataset == "fsdd":
-        from gptfl_ray.data.fsdd import load_fsdd
-
-        return load_fsdd(root, cfg.audio)
-    if cfg.dataset == "speech_commands":
-        from gptfl_ray.data.speech_commands import load_speech_commands
-
-        splits = load_speech_commands(root, cfg.audio)
-        return splits if len(splits.test) else splits.train
-    if cfg.dataset == "esc50":
-        from gptfl_ray.data.esc50 import load_esc50
-
-        return load_esc50(root, cfg.audio)
-    if cfg.dataset in ("cifar10", "cifar100"):
-        from gptfl_ray.data.vision import load_cifar
-
-        return load_cifar(cfg.dataset, root)
-    if cfg.dataset == "flowers102":
-        from gptfl_ray.data.vision import load_flowers102
-
-        return load_flowers102(root)
-    raise ConfigError(f"data.dataset: unknown dataset {cfg.dataset!r}")
+def load_raw(cfg: DataConfig, root: Path) -> Splits | ArrayDataset:
+    """What the dataset's loader returns: ``Splits`` (an official test set) or one ``ArrayDataset``."""
+    spec = lookup(cfg.dataset)
+    assert spec.loader is not None, spec.name
+    return spec.loader(cfg, root)
 
 
 def holdout_split(ds: ArrayDataset, num_test: int, seed: int) -> Splits:
@@ -63,7 +47,7 @@ def holdout_split(ds: ArrayDataset, num_test: int, seed: int) -> Splits:
 
 def load_dataset(cfg: DataConfig, data_dir: str | Path | None = None) -> Splits:
     """Load the train pool and test set described by ``cfg`` (see DataConfig)."""
-    raw = _load_raw(cfg, dataset_root(cfg, data_dir))
+    raw = load_raw(cfg, dataset_root(cfg, data_dir))
     if isinstance(raw, Splits) and cfg.test_split == "official":
         splits = raw
     else:
@@ -84,7 +68,7 @@ def load_dataset(cfg: DataConfig, data_dir: str | Path | None = None) -> Splits:
 
 def label_names(cfg: DataConfig, data_dir: str | Path | None = None) -> list[str]:
     """The dataset's label names without loading samples where the spec knows them."""
-    spec = get_spec(cfg.dataset)
+    spec = get_spec(cfg, data_dir)  # datasets read from the user's data: loaded once per process
     if spec.label_names:
         return list(spec.label_names)
     return load_dataset(cfg, data_dir).train.label_names

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gptfl_ray.config import AudioConfig
-from gptfl_ray.data.audio import load_clips
-from gptfl_ray.data.base import ArrayDataset, Splits, get_spec
+from gptfl_ray.config import AudioConfig, DataConfig
+from gptfl_ray.data.base import ArrayDataset, DatasetSpec, Splits, register
 from gptfl_ray.errors import InputError
 from gptfl_ray.paths import DataNotFoundError
 
@@ -25,7 +24,7 @@ def scan_speech_commands(root: Path) -> list[tuple[str, str, str]]:
     if not root.is_dir():
         raise DataNotFoundError(
             f"Speech Commands missing: put <word>/<speaker>_nohash_<n>.wav under {root}/ "
-            f"({get_spec('speech_commands').download_hint})"
+            f"({SPEC.download_hint})"
         )
     out = []
     for f in sorted(root.glob("*/*.wav")):
@@ -49,6 +48,8 @@ def load_speech_commands(root: Path, audio: AudioConfig) -> Splits:
     sid = {s: i for i, s in enumerate(speakers)}
     test_list = root / "testing_list.txt"
     test = set(test_list.read_text().split()) if test_list.is_file() else set()
+    from gptfl_ray.data.audio import load_clips
+
     x = load_clips([root / c[0] for c in clips], audio)
     full = ArrayDataset(
         x=x,
@@ -61,3 +62,23 @@ def load_speech_commands(root: Path, audio: AudioConfig) -> Splits:
     )
     is_test = np.array([c[0] in test for c in clips])
     return Splits(train=full.subset(np.flatnonzero(~is_test)), test=full.subset(np.flatnonzero(is_test)))
+
+
+def load(cfg: DataConfig, root: Path) -> Splits | ArrayDataset:
+    """The official split when ``testing_list.txt`` is there, else everything (a test set is held out)."""
+    splits = load_speech_commands(root, cfg.audio)
+    return splits if len(splits.test) else splits.train
+
+
+SPEC = register(
+    DatasetSpec(
+        name="speech_commands",
+        modality="audio",
+        num_classes=35,
+        label_names=(),  # read from the folder layout
+        download_hint="torchvision-style download: http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz",
+        natural_groups=True,  # speaker
+        test_split="official: testing_list.txt",
+        loader=load,
+    )
+)

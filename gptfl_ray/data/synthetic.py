@@ -65,7 +65,7 @@ def row_ids(dir: str | Path, manifest: dict[str, Any] | None = None) -> np.ndarr
 
 def _check_task(dir: str | Path, manifest: dict[str, Any], data_cfg: DataConfig) -> str:
     """The sample column to read; errors if the data does not fit the task."""
-    spec = get_spec(data_cfg.dataset)
+    spec = get_spec(data_cfg)
     kind = "image" if spec.modality == "image" else "audio"
     if manifest.get("kind", "image" if "image_size" in manifest else "audio") != kind:
         raise InputError(
@@ -138,7 +138,7 @@ def load_synthetic(dir: str | Path, data_cfg: DataConfig) -> ArrayDataset:
     for name, c in zip(manifest["label_names"], classes, strict=True):
         names[c] = name
     if kind == "image":
-        spec = get_spec(data_cfg.dataset)
+        spec = get_spec(data_cfg)
         x = decode_images(table["image"].to_pylist(), spec.image_size, spec.channels)
         return ArrayDataset(x=x, y=y, label_names=names, modality="image")
     x = standardize_waves(_audio_lists(table["audio"]), int(manifest["sample_rate"]), data_cfg)
@@ -175,7 +175,7 @@ def _featurize(
     rows = batch["row"].to_numpy().astype(np.int64)
     y = classes[batch["label"].to_numpy()]
     if kind == "image":
-        spec = get_spec(data_cfg.dataset)
+        spec = get_spec(data_cfg)
         raw = decode_images(batch["image"].to_pylist(), spec.image_size, spec.channels)
         x = image_tensor(raw, data_cfg.dataset)
     else:

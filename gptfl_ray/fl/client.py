@@ -28,6 +28,7 @@ from gptfl_ray.fl.flat import FlatModel, VectorLayout, from_shared
 from gptfl_ray.fl.strategies import ClientContext, FedAvg, Strategy, build_strategy
 from gptfl_ray.fl.strategies.base import StrategyParams
 from gptfl_ray.models import build_model
+from gptfl_ray.models.registry import install_models
 from gptfl_ray.training import make_optimizer
 
 Shard = tuple[np.ndarray, np.ndarray]  # (inputs float32 (n, C, H, W), labels int64 (n,))
@@ -54,6 +55,8 @@ class ClientSpec:
     eval_model: str | None = None
     eval_width: int | None = None
     strategy_class: type | None = None
+    # Resolved `module:callable` models by name (``models.registry.plugin_models``): they travel by value.
+    models: dict[str, Any] | None = None
 
 
 def local_train(
@@ -131,6 +134,7 @@ class FLClient:
         torch.set_flush_denormal(True)
         self.spec = spec
         self.device = torch.device("cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu")
+        install_models(spec.models)
         model = build_model(spec.model, spec.num_classes, spec.input_shape, width=spec.width).to(self.device)
         self.layout = VectorLayout.of(model)
         self.flat = FlatModel(model, self.layout)

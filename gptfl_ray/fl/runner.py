@@ -51,6 +51,7 @@ from gptfl_ray.io import (
     write_jsonl,
 )
 from gptfl_ray.models import build_model
+from gptfl_ray.models.registry import plugin_models
 
 __all__ = ["FederatedData", "federate_command", "prepare_federated_data", "run_federated"]
 
@@ -172,6 +173,7 @@ class LazyPool:
                 eval_model=cfg.model.name if fl.client_model else None,
                 eval_width=cfg.model.width if fl.client_model else None,
                 strategy_class=strategy_class(fl.strategy.name),
+                models=plugin_models([client_model.name, cfg.model.name]),
             )
             self.pool = ClientPool(
                 spec,
@@ -329,9 +331,11 @@ def server_context(cfg: RunConfig, data: FederatedData, seed: int) -> ServerCont
 
 
 def _log_round(rec: dict[str, Any], rounds: int) -> None:
+    from gptfl_ray.console import eta
+
     acc = f"acc {rec['accuracy']:.4f} loss {rec['loss']:.4f} | " if rec.get("accuracy") is not None else ""
     log.info(
-        "round %d/%d: %s%d updates, %d rejected, %d failed%s | %.2f s, %.1f MB total",
+        "round %d/%d: %s%d updates, %d rejected, %d failed%s | %.2f s, %.1f MB total%s",
         rec["round"],
         rounds,
         acc,
@@ -341,6 +345,7 @@ def _log_round(rec: dict[str, Any], rounds: int) -> None:
         " (skipped)" if rec["skipped"] else "",
         rec["wall_time_s"],
         rec["cum_mb"],
+        f", {eta(rec['round'], rounds, rec['elapsed_s'])}" if rec.get("elapsed_s") else "",
     )
 
 
@@ -415,8 +420,9 @@ def _ensure_ray(cfg: RunConfig) -> bool:
     if ray.is_initialized():
         started = False
     else:
-        ray.init(address=cfg.ray_address, configure_logging=False)
-        started = True
+        from gptfl_ray.ray_env import ensure_ray
+
+        started = ensure_ray(cfg.ray_address, announce=True) is not None
     cpus = ray.cluster_resources().get("CPU", 0)
     want = cfg.fl.num_actors * cfg.fl.actor_num_cpus
     if want > cpus:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from gptfl_ray.config import GenerateConfig, RunConfig, config_hash
+from gptfl_ray.console import eta
 from gptfl_ray.data.base import get_spec
 from gptfl_ray.errors import ConfigError, InputError, InputNotFoundError
 from gptfl_ray.generate.base import Generator, Target
@@ -44,8 +46,12 @@ FORMAT_VERSION = 1
 
 # ----------------------------------------------------------------------------------------- public API
 def synthetic_hash(cfg: RunConfig) -> str:
-    """Identifies a synthetic dataset: dataset, labels, prompts and generator sections."""
-    return config_hash(cfg.data.dataset, cfg.labels, cfg.prompts, cfg.generate)
+    """Identifies a synthetic dataset: dataset, labels, prompts and generator sections (for the user's data,
+    also where it is and its image size: its labels and shape come from it)."""
+    data: Any = cfg.data.dataset
+    if get_spec(cfg.data.dataset).from_data:
+        data = [data, cfg.data.model_dump(mode="json", include={"root", "image_size", "hf"})]
+    return config_hash(data, cfg.labels, cfg.prompts, cfg.generate)
 
 
 def generate(
@@ -125,7 +131,7 @@ def resolve_label_names(cfg: RunConfig, label_names: list[str] | None, data_dir:
     if label_names is None:
         return dataset_label_names(cfg.data, data_dir)
     names = list(label_names)
-    spec = get_spec(cfg.data.dataset)
+    spec = get_spec(cfg.data, data_dir)
     if spec.label_names and set(names) == set(spec.label_names):
         names = list(spec.label_names)
     return names
@@ -133,7 +139,7 @@ def resolve_label_names(cfg: RunConfig, label_names: list[str] | None, data_dir:
 
 def task_target(cfg: RunConfig, gen_cls: type[Generator], options: Any, names: list[str]) -> Target:
     """Prompt modality and sample format: the dataset's image size/channels or the audio config's rate."""
-    spec = get_spec(cfg.data.dataset)
+    spec = get_spec(cfg.data, cfg.data_dir)
     modality = gen_cls.prompt_modality(options, spec.modality)
     label_text = {**spec.label_text, **cfg.labels.text}
     common = {"label_names": tuple(names), "label_text": tuple(label_text.get(n, n) for n in names)}
@@ -278,6 +284,7 @@ class ShardWriter:
         self.pending: dict[int, list[pa.Table]] = {}
         self.counts: dict[int, int] = {}
         self.written: list[int] = []
+        self.started = time.perf_counter()  # for each shard line's ETA
 
     def add(self, table: pa.Table) -> None:
         shard = pc.divide(table["row"], pa.scalar(self.rps, pa.int64())).to_numpy()
@@ -301,11 +308,12 @@ class ShardWriter:
             pq.write_table(table, tmp, compression="zstd")
         self.written.append(k)
         log.info(
-            "generate: wrote %s (%d rows; %d/%d this run)",
+            "generate: wrote %s (%d rows; %d/%d this run) %s",
             path.name,
             table.num_rows,
             len(self.written),
             len(self.sizes),
+            eta(len(self.written), len(self.sizes), time.perf_counter() - self.started),
         )
 
     def check_done(self) -> None:

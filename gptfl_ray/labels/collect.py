@@ -118,7 +118,7 @@ def collect_labels(
     if cfg.data.root is None:
         data_dir = str(resolve_data_dir(data_dir))  # fail here, in one line, when no data dir is known
     iblt = IBLT(lc.iblt_capacity, lc.iblt_repetitions, seed=seed, max_label_bytes=lc.iblt_max_label_bytes)
-    started = ensure_ray(cfg.ray_address) is not None
+    started = ensure_ray(cfg.ray_address, announce=True) is not None
     hosts: list[Any] = []
     try:
         hosts, clients = _start_hosts(cfg, seed, str(data_dir) if data_dir else None, iblt)

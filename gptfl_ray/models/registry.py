@@ -1,16 +1,23 @@
 """Model registry: one name -> one constructor ``(num_classes, input_shape, **kw) -> nn.Module``.
 
-Which names exist and which take ``width`` is stated once, in ``gptfl_ray.models.specs``.
+Which names exist and which take ``width`` is stated once, in ``gptfl_ray.models.specs``. A ``module:callable``
+name builds a model from any importable module: the callable takes ``(num_classes, input_shape)`` and returns the
+``nn.Module``. A module from outside this package is pickled by value (``ray.cloudpickle``) and its resolved
+callables travel to Ray workers with the work they receive (``plugin_models`` -> ``install_models``), so it need
+not be importable there; modules *it* imports must be.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import sys
+from collections.abc import Callable, Iterable
 
 from torch import nn
 
+from gptfl_ray.errors import ConfigError, shorten
 from gptfl_ray.models.convnet import AudioCNN, ConvNet, MnistCNN
-from gptfl_ray.models.specs import WIDTH_MODELS, check_model_options
+from gptfl_ray.models.specs import WIDTH_MODELS, check_model_options, is_plugin
 from gptfl_ray.models.vision import VGG19, cifar_resnet
 
 # One entry per specs.MODEL_NAMES; only the WIDTH_MODELS constructors take `width`.
@@ -24,6 +31,46 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+# Resolved `module:callable` models of this process (the driver's imports, or what a worker was sent).
+_PLUGINS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def model_callable(name: str) -> Callable[..., nn.Module]:
+    """The callable a ``module:callable`` model name names (imported here once; cached); ConfigError naming
+    ``model.name`` when the module does not import or the attribute is not callable."""
+    if name in _PLUGINS:
+        return _PLUGINS[name]
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # ImportError, or the module itself failing: one line naming the field
+        first = shorten(str(err).splitlines()[0] if str(err) else "", 160)
+        raise ConfigError(
+            f"model.name: cannot import {module_name!r} ({type(err).__name__}: {first})"
+        ) from None
+    fn: object = module
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+    if not callable(fn):
+        raise ConfigError(f"model.name: {name!r} is not a callable (num_classes, input_shape) -> nn.Module")
+    if not module_name.startswith("gptfl_ray."):
+        from ray import cloudpickle
+
+        cloudpickle.register_pickle_by_value(sys.modules[module_name])
+    _PLUGINS[name] = fn  # type: ignore[assignment]
+    return fn  # type: ignore[return-value]
+
+
+def plugin_models(names: Iterable[str | None]) -> dict[str, Callable[..., nn.Module]]:
+    """The resolved callables of the ``module:callable`` names among ``names``, to send to Ray workers."""
+    return {n: model_callable(n) for n in names if n is not None and is_plugin(n)}
+
+
+def install_models(models: dict[str, Callable[..., nn.Module]] | None) -> None:
+    """On a worker: make ``build_model`` use the callables the driver resolved (``plugin_models``)."""
+    _PLUGINS.update(models or {})
+
+
 def build_model(
     name: str, num_classes: int, input_shape: tuple[int, ...], width: int | None = None
 ) -> nn.Module:
@@ -31,6 +78,19 @@ def build_model(
     check_model_options(name, width)
     if len(input_shape) != 3:
         raise ValueError(f"model: input_shape must be (C, H, W), got {tuple(input_shape)}")
+    if is_plugin(name):
+        fn = model_callable(name)
+        try:
+            net = fn(num_classes, tuple(input_shape))
+        except Exception as err:  # the user's code: one line naming the field
+            first = shorten(str(err).strip().splitlines()[0] if str(err).strip() else "", 160)
+            raise ConfigError(
+                f"model.name: {name!r} does not build for {num_classes} classes and inputs "
+                f"{tuple(input_shape)} ({type(err).__name__}: {first})"
+            ) from None
+        if not isinstance(net, nn.Module):
+            raise ConfigError(f"model.name: {name!r} returned {type(net).__name__}, not a torch nn.Module")
+        return net
     ctor = MODELS[name]
     return ctor(num_classes, tuple(input_shape), **({"width": width} if name in WIDTH_MODELS else {}))
 

@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
+import re
+
 # Every model name the registry builds (gptfl_ray/models/registry.py has one constructor per name).
 MODEL_NAMES = ("convnet", "cnn", "audio_cnn", "resnet18", "resnet50", "vgg19")
 # Models whose size `model.width` sets (ConvNet: channels per conv layer); the others have fixed widths.
 WIDTH_MODELS = frozenset({"convnet"})
+# `module:callable` names a model outside the registry: a callable (num_classes, input_shape) -> nn.Module.
+_PLUGIN = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def is_plugin(name: str) -> bool:
+    """Whether ``name`` is a ``module:callable`` model (imported and checked when it is built)."""
+    return ":" in name
 
 
 def name_error(name: str) -> str | None:
     """Why ``model.name`` is invalid, or None."""
+    if is_plugin(name):
+        return None if _PLUGIN.fullmatch(name) else "must be module:callable (e.g. mypkg.models:build)"
     if name not in MODEL_NAMES:
-        return f"unknown model (known: {', '.join(MODEL_NAMES)})"
+        return f"unknown model (known: {', '.join(MODEL_NAMES)}, or module:callable)"
     return None
 
 
 def width_error(name: str, width: int | None) -> str | None:
     """Why ``model.width`` is invalid for model ``name`` (it would do nothing), or None."""
+    if width is not None and is_plugin(name):
+        return "a module:callable model takes no model.width (its callable sets its own size)"
     if width is not None and name in MODEL_NAMES and name not in WIDTH_MODELS:
         return f"{name} has a fixed width (only {', '.join(sorted(WIDTH_MODELS))} takes model.width)"
     return None

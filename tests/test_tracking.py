@@ -1,0 +1,204 @@
+"""MLflow tracking of `gptfl run` (read back with the MLflow client), sweep params/callback, and the quiet console."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from gptfl_ray.config import load_config
+from gptfl_ray.io import read_json, read_jsonl
+from gptfl_ray.tracking import RUN_ID_FILE, Tracker, config_params, numeric_fields, tracking_callbacks
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "smoke.yaml"
+TINY = ["fl.rounds=2", "pretrain.epochs=2"]
+
+
+def _client(uri: str):
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tmp_path_factory, ray_session, data_dir):
+    from gptfl_ray.run import run
+
+    run_dir = tmp_path_factory.mktemp("tracked") / "smoke"
+    cfg = load_config(SMOKE, TINY)
+    out = run(cfg, run_dir)
+    client = _client((run_dir / "mlruns").resolve().as_uri())
+    exp = client.get_experiment_by_name(cfg.name)
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    return cfg, run_dir, out, client, runs
+
+
+@pytest.mark.slow
+def test_mlflow_store_holds_params_metrics_and_artifacts(tracked_run):
+    _cfg, run_dir, out, client, runs = tracked_run
+    assert set(runs) == {"smoke", "pretrain-seed0", "gptfl-seed0", "fedavg-scratch-seed0"}
+    parent = runs["smoke"]
+    # params: the flattened config, dotted keys
+    assert parent.data.params["fl.rounds"] == "2"
+    assert parent.data.params["model.name"] == "convnet"
+    assert parent.data.params["partition.alpha"] == "0.5"
+    assert parent.data.params["fl.local.batch_size"] == "16"
+    for name in ("pretrain-seed0", "gptfl-seed0", "fedavg-scratch-seed0"):
+        assert runs[name].data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert runs[name].info.status == "FINISHED"
+    # per-round metrics of each arm: the metrics.jsonl values at step = round
+    for arm in ("gptfl", "fedavg-scratch"):
+        run_id = runs[f"{arm}-seed0"].info.run_id
+        folder = run_dir / out["results"]["arms"][arm]["0"]["dir"]
+        assert read_json(folder / RUN_ID_FILE)["run_id"] == run_id
+        assert runs[f"{arm}-seed0"].data.params["arm"] == arm
+        records = read_jsonl(folder / "metrics.jsonl")
+        for key in ("accuracy", "loss", "cum_mb", "bytes_up", "train_loss"):
+            hist = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+            assert hist == [(r["round"], pytest.approx(r[key])) for r in records if r.get(key) is not None]
+        assert [m.step for m in client.get_metric_history(run_id, "accuracy")] == [1, 2]
+    # per-epoch pretraining metrics at step = epoch
+    pre = runs["pretrain-seed0"].info.run_id
+    (pre_dir,) = run_dir.glob("pretrain-*-seed0")
+    history = read_json(pre_dir / "metrics.json")["history"]
+    hist = sorted((m.step, m.value) for m in client.get_metric_history(pre, "train_loss"))
+    assert hist == [(h["epoch"], pytest.approx(h["train_loss"])) for h in history] and len(hist) == 2
+    assert client.get_metric_history(pre, "final.real_test_accuracy")
+    # the report and plots as artifacts of the parent run
+    names = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "report.md" in names and "plots" in names
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert "plots/accuracy_vs_round.png" in plots
+
+
+@pytest.mark.slow
+def test_rerun_logs_into_the_same_runs_without_duplicates(tracked_run):
+    from gptfl_ray.run import run
+
+    cfg, run_dir, _out, client, runs = tracked_run
+    ids = {p.parent.name: read_json(p)["run_id"] for p in run_dir.rglob(RUN_ID_FILE)}
+    run(cfg, run_dir)  # every step cached: a resumed run
+    assert {p.parent.name: read_json(p)["run_id"] for p in run_dir.rglob(RUN_ID_FILE)} == ids
+    exp = client.get_experiment_by_name(cfg.name)
+    assert len(client.search_runs([exp.experiment_id])) == 4
+    gptfl = runs["gptfl-seed0"].info.run_id
+    assert [m.step for m in client.get_metric_history(gptfl, "accuracy")] == [1, 2]
+
+
+# ------------------------------------------------------------------------------------------ no Ray
+def test_params_and_metrics_are_flattened():
+    params = config_params({"fl": {"rounds": 3, "local": {"lr": 0.1}}, "seeds": [0, 1], "x": "y" * 7000})
+    assert params["fl.rounds"] == "3" and params["fl.local.lr"] == "0.1" and params["seeds"] == "[0, 1]"
+    assert len(params["x"]) == 6000  # MLflow's value limit
+    rec = {"round": 2, "accuracy": 0.5, "skipped": False, "sampled": [1], "info": {"kl": 1.5}, "n": None}
+    assert numeric_fields(rec, skip=("round",)) == {"accuracy": 0.5, "info.kl": 1.5}
+
+
+def test_tracking_failure_warns_once_and_never_raises(tmp_path, caplog):
+    cfg = load_config(SMOKE, ["tracking.mlflow.uri=nosuchscheme://nowhere"])
+    tracker = Tracker(cfg, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="gptfl_ray.tracking"):
+        tracker.start()
+        tracker.start_arm("gptfl", cfg, 0, tmp_path / "arm")
+        tracker.log_arm("gptfl", cfg, 0, tmp_path / "arm")
+        tracker.finish(None)
+    assert not tracker.enabled
+    assert len([r for r in caplog.records if "MLflow tracking off" in r.message]) == 1
+
+
+def test_disabled_tracking_writes_nothing(tmp_path):
+    cfg = load_config(SMOKE, ["tracking.mlflow.enabled=false"])
+    tracker = Tracker(cfg, tmp_path)
+    tracker.start()
+    tracker.log_pretrain(0, tmp_path / "pre", {"history": [{"epoch": 0, "train_loss": 1.0}]})
+    assert list(tmp_path.iterdir()) == []
+    assert tracking_callbacks(cfg, tmp_path, "s") == []
+
+
+def test_sweep_param_space_has_flat_keys():
+    from ray import tune
+    from ray.tune.search.variant_generator import generate_variants
+
+    from gptfl_ray.sweep import flat_param_space
+
+    sweep_cfg = SimpleNamespace(grid={"partition.alpha": [0.1, 1.0], "seed": [0]}, arms=[])
+    points = [
+        {"arm": f"init=random,alpha={a}", "seed": 0, "init": "random", "run": {"partition": {"alpha": a}}}
+        for a in (0.1, 1.0)
+    ]
+    space = {"point": tune.grid_search(points), **flat_param_space(sweep_cfg, points)}
+    configs = [v["config"] for _, v in generate_variants({"config": space})]
+    flat = [{k: v for k, v in c.items() if k != "point"} for c in configs]
+    assert flat == [
+        {"arm": "init=random,alpha=0.1", "seed": 0, "init": "random", "partition.alpha": 0.1},
+        {"arm": "init=random,alpha=1.0", "seed": 0, "init": "random", "partition.alpha": 1.0},
+    ]
+
+
+def test_sweep_mlflow_callback_logs_flat_params_and_results(tmp_path):
+    cfg = load_config(SMOKE)
+    (callback,) = tracking_callbacks(cfg, tmp_path, "sweep-x")
+    callback.setup()
+    trial = _Trial(
+        {"point": {"run": {"huge": "x" * 100}}, "arm": "fedavg", "seed": 1, "fl.rounds": 2}, tmp_path
+    )
+    callback.log_trial_start(trial)
+    for i in (1, 2):
+        callback.log_trial_result(i, trial, {"accuracy": 0.1 * i, "training_iteration": i})
+    callback.log_trial_end(trial)
+    client = _client((tmp_path / "mlruns").resolve().as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("sweep-x").experiment_id])
+    assert run.data.params == {"arm": "fedavg", "seed": "1", "fl.rounds": "2"}  # not the grid point blob
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "accuracy")] == [
+        (1, pytest.approx(0.1)),
+        (2, pytest.approx(0.2)),
+    ]
+
+
+class _Trial:
+    """The parts of a Tune Trial the MLflow callback reads."""
+
+    def __init__(self, config, local_path):
+        self.config, self.local_path = config, str(local_path)
+
+    def __str__(self) -> str:
+        return "trial_0"
+
+
+# ------------------------------------------------------------------------------------------ console
+@pytest.mark.slow
+def test_console_is_quiet_by_default_and_verbose_with_v(tracked_run, tmp_path):
+    """`gptfl pretrain`: one line per epoch and no Ray Train checkpoint/report lines; `-v` brings those back."""
+    _cfg, run_dir, *_ = tracked_run
+    (synthetic,) = run_dir.glob("synthetic-*")
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rt", dir="/tmp")}
+    outputs = {}
+    for flag in ([], ["-v"]):
+        cmd = [
+            sys.executable,
+            "-m",
+            "gptfl_ray.cli",
+            "pretrain",
+            str(SMOKE),
+            *flag,
+            "--synthetic",
+            str(synthetic),
+        ]
+        cmd += ["--output", str(tmp_path / f"pre{len(flag)}"), "--set", "pretrain.epochs=1"]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs[bool(flag)] = done.stdout + done.stderr
+    quiet, loud = outputs[False], outputs[True]
+    ray_train = ("Checkpoint successfully created", "Reporting training result")
+    assert "pretrain epoch 1/1: train loss" in quiet and "Ray dashboard:" in quiet
+    assert not any(s in quiet for s in ray_train), quiet
+    assert any(s in loud for s in ray_train), loud[-3000:]
+    assert len(quiet.splitlines()) < len(loud.splitlines())
