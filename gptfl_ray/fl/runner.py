@@ -217,7 +217,10 @@ def _run_rounds(
     layout, template = VectorLayout.of(model), model.state_dict()
     x = layout.to_vector(template)
     strategy.setup(
-        client_layout(cfg, data, seed), data.num_clients, out_dir / "state", server_context(cfg, data, seed)
+        client_layout(cfg, data, layout),
+        data.num_clients,
+        out_dir / "state",
+        server_context(cfg, data, seed, layout),
     )
     progress = Progress(fl.target_accuracy)
     records: list[dict[str, Any]] = []
@@ -300,12 +303,16 @@ def _build(cfg: RunConfig, data: FederatedData, model_cfg) -> torch.nn.Module:
     return build_model(model_cfg.name, data.num_classes, data.input_shape, width=model_cfg.width)
 
 
-def client_layout(cfg: RunConfig, data: FederatedData, seed: int) -> VectorLayout:
-    """Layout of the vector clients train: the client model's (``fl.client_model``, else ``model``)."""
-    return VectorLayout.of(_build(cfg, data, cfg.fl.client_model or cfg.model))
+def client_layout(cfg: RunConfig, data: FederatedData, server_layout: VectorLayout) -> VectorLayout:
+    """Layout of the vector clients train: ``fl.client_model``'s, else the server model's own."""
+    if cfg.fl.client_model is None:
+        return server_layout
+    return VectorLayout.of(_build(cfg, data, cfg.fl.client_model))
 
 
-def server_context(cfg: RunConfig, data: FederatedData, seed: int) -> ServerContext:
+def server_context(
+    cfg: RunConfig, data: FederatedData, seed: int, server_layout: VectorLayout
+) -> ServerContext:
     """What a strategy's server half may use: model builders, device, the public data, the seed."""
     from gptfl_ray.fl.strategies import PublicData
 
@@ -315,11 +322,10 @@ def server_context(cfg: RunConfig, data: FederatedData, seed: int) -> ServerCont
         torch.manual_seed(seed + 1)
         m = _build(cfg, data, client_model)
         init_client = VectorLayout.of(m).to_vector(m.state_dict())
-    server_model = _build(cfg, data, cfg.model)
     return ServerContext(
         build_model=lambda: _build(cfg, data, cfg.model),
         build_client_model=lambda: _build(cfg, data, client_model),
-        server_layout=VectorLayout.of(server_model),
+        server_layout=server_layout,
         device=torch.device("cpu"),
         seed=seed,
         num_classes=data.num_classes,
