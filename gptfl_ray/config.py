@@ -511,6 +511,17 @@ def echo(value: Any, limit: int = 80) -> str:
     return shorten(r.repr(value), limit)
 
 
+def plugin_params_error(err: ValidationError, field: str, unknown: str, owner: str) -> ConfigError:
+    """One error for a plug-in's own parameters (a strategy's, a generator's options): every problem named
+    ``<field>.<key>: <message> (<owner>)``, an unexpected key as ``unknown``."""
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        msg = unknown if e["type"] == "extra_forbidden" else e["msg"]
+        parts.append(f"{field}.{key}: {msg} ({owner})")
+    return ConfigError("; ".join(parts))
+
+
 def format_validation_error(err: ValidationError, source: str) -> str:
     lines = []
     errors = err.errors()

@@ -109,3 +109,15 @@ def ray_session():
     yield ray
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Small CPU ops (server-side distillation steps, unrolled graphs) run 20-50× slower with 2 torch threads on a
+    busy 2-core box; restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -27,13 +27,7 @@ SHAPE, C = (1, 4, 4), 3
 D = 16  # flattened input size
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny unrolled graphs run ~20× slower with 2 threads on a busy 2-core box; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def linear() -> nn.Module:

@@ -25,13 +25,7 @@ IN, FEAT, C, HID, NOISE = 4, 3, 3, 8, 4
 SMALL = {"generator_hidden_dim": HID, "noise_dim": NOISE}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small CPU ops run ~50× slower with 2 torch threads on a busy 2-core box; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny() -> nn.Module:

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from gptfl_ray.config import ConfigError, GenerateConfig
+from gptfl_ray.config import ConfigError, GenerateConfig, plugin_params_error
 
 # Prompt-table columns copied into every output row (``expansion_fallback`` only when present).
 PASSTHROUGH = ("row", "label", "label_name", "prompt", "guidance_scale", "seed", "expansion_fallback")
@@ -91,12 +91,9 @@ class Generator:
         try:
             return cls.Options.model_validate(options or {})
         except ValidationError as err:
-            parts = []
-            for e in err.errors():
-                key = ".".join(str(p) for p in e["loc"])
-                msg = "unknown option" if e["type"] == "extra_forbidden" else e["msg"]
-                parts.append(f"generate.options.{key}: {msg} (generator {cls.name!r})")
-            raise ConfigError("; ".join(parts)) from None
+            raise plugin_params_error(
+                err, "generate.options", "unknown option", f"generator {cls.name!r}"
+            ) from None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         samples, meta = self.generate(batch)

@@ -7,7 +7,7 @@ import sys
 
 from pydantic import ValidationError
 
-from gptfl_ray.config import ConfigError, StrategyConfig
+from gptfl_ray.config import ConfigError, StrategyConfig, plugin_params_error
 from gptfl_ray.fl.strategies.base import Strategy
 
 STRATEGIES: dict[str, type[Strategy]] = {}
@@ -54,10 +54,5 @@ def build_strategy(cfg: StrategyConfig) -> Strategy:
     try:
         params = cls.Params.model_validate(cfg.model_extra or {})
     except ValidationError as err:
-        msgs = []
-        for e in err.errors():
-            loc = ".".join(str(p) for p in e["loc"])
-            msg = "unknown parameter" if e["type"] == "extra_forbidden" else e["msg"]
-            msgs.append(f"fl.strategy.{loc}: {msg} ({cfg.name})")
-        raise ConfigError("; ".join(msgs)) from None
+        raise plugin_params_error(err, "fl.strategy", "unknown parameter", cfg.name) from None
     return cls(params)
