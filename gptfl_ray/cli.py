@@ -19,7 +19,7 @@ import traceback
 from typing import Any, NoReturn
 
 from gptfl_ray.config import MAX_SEED, ConfigError, load_config
-from gptfl_ray.console import set_verbose
+from gptfl_ray.console import log_handler, set_verbose
 from gptfl_ray.errors import UserError, shorten
 
 __all__ = ["COMMANDS", "UserError", "build_parser", "main"]
@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
+        handlers=[log_handler(sys.stderr)],  # progress bars when stderr is a terminal
         force=True,  # bind to the current stderr even if an earlier call (or library) configured logging
     )
     if getattr(args, "data_dir", None):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -59,6 +60,54 @@ def quiet_ray() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def progress(label: str, done: int, total: int) -> dict[str, Any]:
+    """``extra=`` for a progress log line (``log.info(..., extra=progress("FL rounds", 3, 50))``): on a
+    terminal the line also moves a bar for ``label``; elsewhere it is a plain log line."""
+    return {"progress": (label, int(done), int(total))}
+
+
+class TerminalProgressHandler(logging.StreamHandler):
+    """Log lines print as usual, above one live tqdm bar per kind of progress (FL rounds, generation shards,
+    pretraining epochs) that the lines carrying ``extra=progress(...)`` advance. For terminals only: a log file
+    or pipe gets the plain lines (see :func:`log_handler`)."""
+
+    def __init__(self, stream: Any = None):
+        super().__init__(stream if stream is not None else sys.stderr)
+        self.bars: dict[str, Any] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            with self.lock:  # type: ignore[union-attr]  # the epoch-progress thread logs too
+                tqdm.write(self.format(record), file=self.stream)  # clears and redraws the open bars
+                if getattr(record, "progress", None):
+                    self._advance(tqdm, *record.progress)
+        except Exception:
+            self.handleError(record)
+
+    def _advance(self, tqdm: Any, label: str, done: int, total: int) -> None:
+        bar = self.bars.get(label)
+        if bar is None or bar.total != total:
+            if bar is not None:
+                bar.close()
+            bar = self.bars[label] = tqdm(
+                total=total, desc=label, file=self.stream, leave=False, dynamic_ncols=True, unit=""
+            )
+        bar.n = min(done, total)
+        bar.refresh()
+        if done >= total:
+            bar.close()
+            del self.bars[label]
+
+
+def log_handler(stream: Any = None) -> logging.Handler:
+    """The console's log handler: progress bars on a terminal, plain lines otherwise."""
+    stream = stream if stream is not None else sys.stderr
+    isatty = getattr(stream, "isatty", None)
+    return TerminalProgressHandler(stream) if isatty and isatty() else logging.StreamHandler(stream)
+
+
 def eta(done: int, total: int, elapsed: float) -> str:
     """'ETA 1m05s' from the mean time per finished unit (empty when nothing is finished yet)."""
     if done <= 0 or total <= done:
@@ -106,6 +155,7 @@ def epoch_progress(out_dir: Path, epochs: int, history_file: str = "history.json
                 val,
                 elapsed,
                 eta(done, epochs - state["first"], elapsed),
+                extra=progress("pretraining epochs", epoch + 1, epochs),
             )
 
     def loop() -> None:
@@ -129,4 +179,14 @@ def epoch_progress(out_dir: Path, epochs: int, history_file: str = "history.json
         poll()
 
 
-__all__ = ["epoch_progress", "eta", "quiet_ray", "ray_init_kwargs", "set_verbose", "verbose"]
+__all__ = [
+    "TerminalProgressHandler",
+    "epoch_progress",
+    "eta",
+    "log_handler",
+    "progress",
+    "quiet_ray",
+    "ray_init_kwargs",
+    "set_verbose",
+    "verbose",
+]

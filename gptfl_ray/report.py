@@ -66,6 +66,10 @@ def collect(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
                 "rounds_to_target": [s.get("rounds_to_target") for s in summaries],
                 "mb_to_target": [s.get("mb_to_target") for s in summaries],
                 "total_mb": mean_std([s.get("total_mb") for s in summaries])[0],
+                # per-round wall time and the server's share of it (aggregation + strategy work), mean over
+                # rounds and seeds
+                "round_s": mean_std([r.get("wall_time_s") for recs in arm_curves for r in recs])[0],
+                "server_s": mean_std([r.get("server_time_s") for recs in arm_curves for r in recs])[0],
                 "rounds": summaries[0].get("rounds") if summaries else None,
                 "strategy": summaries[0].get("strategy") if summaries else None,
             }
@@ -136,18 +140,26 @@ def _plot(
 
 
 def table_lines(data: dict[str, Any], target: float | None) -> list[str]:
-    head = "| arm | final acc % (mean ± std) | best acc % | rounds to target | MB to target | total MB |"
-    lines = [head, "|---|---|---|---|---|---|"]
+    head = (
+        "| arm | final acc % (mean ± std) | best acc % | rounds to target | MB to target | total MB "
+        "| s/round (server) |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         lines.append(
             f"| {r['arm']} | {fmt_pct(*r['final_accuracy'])} | {fmt_pct(*r['best_accuracy'])} | "
             f"{fmt_num(r['rounds_to_target']) if target else '–'} | "
-            f"{fmt_num(r['mb_to_target'], ' MB') if target else '–'} | {r['total_mb']:.1f} |"
+            f"{fmt_num(r['mb_to_target'], ' MB') if target else '–'} | {r['total_mb']:.1f} | "
+            f"{_seconds(r.get('round_s'))} ({_seconds(r.get('server_s'))}) |"
         )
     for group, stats in data["synthetic_only"].items():
         name = f"synthetic only (no FL): {group}" if group else "synthetic only (no FL)"
-        lines.append(f"| {name} | {fmt_pct(*stats)} | – | – | – | 0.0 |")
+        lines.append(f"| {name} | {fmt_pct(*stats)} | – | – | – | 0.0 | – |")
     return lines
+
+
+def _seconds(value: float | None) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.2f}"
 
 
 def write_report(run_dir: Path, results: dict[str, Any]) -> Path:
@@ -187,6 +199,8 @@ def write_report(run_dir: Path, results: dict[str, Any]) -> Path:
             if "pretrained-init" in results.get("arms", {})
             else []
         ),
+        "s/round = mean wall time of a round (clients' training and evaluation included); in brackets the",
+        "server's part of it (aggregation and the algorithm's own server work, e.g. distillation).",
         "Gradient diversity = Σ‖Δᵢ‖² / ‖ΣΔᵢ‖² over a round's K client updates Δᵢ (Yin et al. 2018):",
         "1/K when they are identical, 1 when orthogonal, above 1 when they partly cancel out.",
         "",

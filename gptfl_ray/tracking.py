@@ -33,6 +33,7 @@ MAX_PARAM_VALUE = 6000
 BATCH = 100  # params per log_batch call (MLflow's per-request limit)
 METRIC_BATCH = 1000
 LOGGED_TAG = "gptfl.logged"  # set once a step's metrics are all logged: a rerun does not log them twice
+TRIAL_ID_TAG = "gptfl.trial_id"  # a sweep trial's Tune id: a resumed trial logs into the same MLflow run
 
 
 def tracking_uri(cfg: Any, folder: Path) -> str:
@@ -273,9 +274,7 @@ def tracking_callbacks(cfg: Any, sweep_dir: Path, experiment: str) -> list[Any]:
         def log_trial_start(self, trial: Any) -> None:
             def go() -> None:
                 if trial not in self._trial_runs:
-                    tags = {**self.tags, "trial_name": str(trial)}
-                    run = self.mlflow_util.start_run(tags=tags, run_name=str(trial))
-                    self._trial_runs[trial] = run.info.run_id
+                    self._trial_runs[trial] = self._resumed_run(trial) or self._new_run(trial)
                 flat = {k: param_value(v) for k, v in trial.config.items() if k != "point"}
                 client = self.mlflow_util._get_client()
                 from mlflow.entities import Param
@@ -286,12 +285,34 @@ def tracking_callbacks(cfg: Any, sweep_dir: Path, experiment: str) -> list[Any]:
 
             self._safe("logging a trial's params", go)
 
+        def _new_run(self, trial: Any) -> str:
+            tags = {**self.tags, "trial_name": str(trial), TRIAL_ID_TAG: trial.trial_id}
+            return self.mlflow_util.start_run(tags=tags, run_name=str(trial)).info.run_id
+
+        def _resumed_run(self, trial: Any) -> str | None:
+            """The MLflow run an earlier invocation opened for this trial (``gptfl sweep --resume`` restores
+            Tune's trials with their ids): its metrics continue there instead of in a second run."""
+            client = self.mlflow_util._get_client()
+            runs = client.search_runs(
+                [self.mlflow_util.experiment_id],
+                filter_string=f"tags.`{TRIAL_ID_TAG}` = '{trial.trial_id}'",
+                max_results=1,
+            )
+            if not runs:
+                return None
+            client.update_run(runs[0].info.run_id, status="RUNNING")
+            return runs[0].info.run_id
+
         def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
             if trial in self._trial_runs:  # the metrics, not the trial's config Tune adds to every result
                 metrics = {k: v for k, v in result.items() if k != "config"}
+                # the FL round as the step: a resumed trial's Tune iteration count starts again at 1
+                step = int(result.get("round") or result.get("training_iteration") or 0)
                 self._safe(
                     "logging a result",
-                    lambda: MLflowLoggerCallback.log_trial_result(self, iteration, trial, metrics),
+                    lambda: self.mlflow_util.log_metrics(
+                        run_id=self._trial_runs[trial], metrics_to_log=metrics, step=step
+                    ),
                 )
 
         def log_trial_end(self, trial: Any, failed: bool = False) -> None:

@@ -151,12 +151,18 @@ def test_sweep_mlflow_callback_logs_flat_params_and_results(tmp_path):
         {"point": {"run": {"huge": "x" * 100}}, "arm": "fedavg", "seed": 1, "fl.rounds": 2}, tmp_path
     )
     callback.log_trial_start(trial)
-    for i in (1, 2):
-        callback.log_trial_result(i, trial, {"accuracy": 0.1 * i, "training_iteration": i})
+    callback.log_trial_result(1, trial, {"accuracy": 0.1, "round": 1, "training_iteration": 1})
+    # `gptfl sweep --resume`: a new callback (a new process) sees the restored trial; Tune's iteration count
+    # starts again at 1, the FL run resumes at round 2
+    (callback,) = tracking_callbacks(cfg, tmp_path, "sweep-x")
+    callback.setup()
+    callback.log_trial_start(trial)
+    callback.log_trial_result(1, trial, {"accuracy": 0.2, "round": 2, "training_iteration": 1})
     callback.log_trial_end(trial)
     client = _client((tmp_path / "mlruns").resolve().as_uri())
-    (run,) = client.search_runs([client.get_experiment_by_name("sweep-x").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name("sweep-x").experiment_id])  # one run
     assert run.data.params == {"arm": "fedavg", "seed": "1", "fl.rounds": "2"}  # not the grid point blob
+    assert run.info.status == "FINISHED"
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "accuracy")] == [
         (1, pytest.approx(0.1)),
         (2, pytest.approx(0.2)),
@@ -166,8 +172,8 @@ def test_sweep_mlflow_callback_logs_flat_params_and_results(tmp_path):
 class _Trial:
     """The parts of a Tune Trial the MLflow callback reads."""
 
-    def __init__(self, config, local_path):
-        self.config, self.local_path = config, str(local_path)
+    def __init__(self, config, local_path, trial_id="a1b2c3d4_00000"):
+        self.config, self.local_path, self.trial_id = config, str(local_path), trial_id
 
     def __str__(self) -> str:
         return "trial_0"
