@@ -104,6 +104,99 @@ def test_diffusers_sample_depends_only_on_its_row(tiny):
     assert together[0] != together[2]  # other seed, other image
 
 
+MIXED = {  # five rows, five distinct guidance scales (one at 1: no guidance; one non-integer)
+    "prompt": np.array([f"a photo of a {w}" for w in ("one", "two", "three", "one", "five")], dtype=object),
+    "seed": np.array([11, 12, 13, 14, 15]),
+    "guidance_scale": np.array([1.0, 2.0, 3.5, 4.0, 5.0], dtype=np.float32),
+    "label": np.array([1, 2, 3, 1, 5]),
+}
+
+
+def count_unet_forwards(pipe) -> list[int]:
+    """Rows the UNet computes in each forward from now on (one forward per step per pipeline call)."""
+    seen: list[int] = []
+    pipe.unet.conv_in.register_forward_pre_hook(lambda module, args: seen.append(int(args[0].shape[0])))
+    return seen
+
+
+def test_diffusers_one_pipeline_call_per_batch_with_per_row_guidance(tiny):
+    import torch
+
+    from gptfl_ray.generate.base import encode_png, to_task_image
+    from gptfl_ray.generate.image_diffusers import DiffusersImageGenerator
+
+    options = {"num_inference_steps": 2, "negative_prompt": "a sketch of a cat"}
+    gen = DiffusersImageGenerator(
+        GenerateConfig(generator="diffusers", model_id=str(tiny["sd"]), options=options),
+        Target("image", image_size=28, channels=1),
+    )
+    seen = count_unet_forwards(gen.pipe)
+    batch = gen(MIXED)["image"].to_pylist()
+    # one pipeline call (2 steps); the unguided row (scale 1) needs no unconditional prediction
+    assert seen == [4 + 5] * 2
+    for i, g in enumerate(MIXED["guidance_scale"]):  # each row == diffusers alone with its scale and seed
+        ref = gen.pipe(
+            prompt=[MIXED["prompt"][i]],
+            negative_prompt=[options["negative_prompt"]],
+            guidance_scale=float(g),
+            num_inference_steps=2,
+            generator=[torch.Generator().manual_seed(int(MIXED["seed"][i]))],
+        ).images[0]
+        a, b = (
+            np.asarray(Image.open(io.BytesIO(x)), dtype=int)
+            for x in (batch[i], encode_png(to_task_image(ref, 28, 1)))
+        )
+        assert np.abs(a - b).max() <= 1, f"row {i} (scale {g})"
+    assert len(set(batch)) == 5
+
+
+def test_audioldm_one_pipeline_call_per_batch_with_per_row_guidance(tiny):
+    import torch
+
+    from gptfl_ray.generate.audio_ldm import AudioLDMGenerator
+
+    gen = AudioLDMGenerator(
+        GenerateConfig(
+            generator="audioldm",
+            model_id=str(tiny["ldm"]),
+            options={"num_inference_steps": 2, "audio_length_in_s": 0.25},
+        ),
+        Target("audio", sample_rate=16000),  # the vocoder's rate: no resampling
+    )
+    seen = count_unet_forwards(gen.pipe)
+    batch = gen(MIXED)["audio"].to_pylist()
+    assert seen == [4 + 5] * 2
+    for i, g in enumerate(MIXED["guidance_scale"]):
+        ref = gen.pipe(
+            prompt=[MIXED["prompt"][i]],
+            negative_prompt=[gen.options.negative_prompt],
+            guidance_scale=float(g),
+            num_inference_steps=2,
+            audio_length_in_s=0.25,
+            generator=[torch.Generator().manual_seed(int(MIXED["seed"][i]))],
+            output_type="np",
+        ).audios[0]
+        peak = np.abs(ref).max()
+        assert peak > 0 and np.allclose(batch[i], np.clip(ref, -1, 1), rtol=0, atol=1e-4 * peak), f"row {i}"
+
+
+def test_run_guided_falls_back_to_one_call_per_scale():
+    from gptfl_ray.generate.guidance import run_guided
+
+    calls: list[tuple[float, list[int]]] = []
+
+    def call(scale, idx):
+        calls.append((scale, idx.tolist()))
+        return [f"{scale}:{i}" for i in idx]
+
+    scales = np.array([2.0, 3.0, 2.0], dtype=np.float32)
+    out = run_guided(object(), scales, call)  # an unknown pipeline: its guidance formula is not known
+    assert out == ["2.0:0", "3.0:1", "2.0:2"] and calls == [(2.0, [0, 2]), (3.0, [1])]
+    calls.clear()
+    assert run_guided(object(), np.array([0.5, 1.0]), call) == ["0.5:0", "0.5:1"]  # both unguided
+    assert calls == [(0.5, [0, 1])]
+
+
 def test_speecht5_pipeline_end_to_end(ray_session, tiny, tmp_path):
     options = {
         "vocoder": str(tiny["vocoder"]),

@@ -1,7 +1,7 @@
 """``audioldm``: text-to-audio with AudioLDM (diffusers), GPT-FL's generator for environmental sound.
 
-Same conventions as the image pipeline: DPM-Solver++ by default, one pipeline call per distinct guidance
-scale, a seeded ``torch.Generator`` per sample. Clips are ``audio_length_in_s`` long (default: the task's
+Same conventions as the image pipeline: DPM-Solver++ by default, one pipeline call per batch with per-row
+guidance scales, a seeded ``torch.Generator`` per sample. Clips are ``audio_length_in_s`` long (default: the task's
 clip length) and resampled from the vocoder's rate to the task's.
 """
 
@@ -15,11 +15,11 @@ from gptfl_ray.data.audio import resample
 from gptfl_ray.generate.base import (
     Generator,
     GeneratorOptions,
-    group_by_guidance,
     resolve_device,
     resolve_dtype,
     torch_generators,
 )
+from gptfl_ray.generate.guidance import run_guided
 from gptfl_ray.generate.image_diffusers import load_pipeline, use_dpm_solver
 from gptfl_ray.generate.registry import register
 
@@ -55,19 +55,20 @@ class AudioLDMGenerator(Generator):
 
     def generate(self, batch):
         o: AudioLDMOptions = self.options  # type: ignore[assignment]
-        clips: list[Any] = [None] * len(batch["prompt"])
-        for scale, idx in group_by_guidance(batch["guidance_scale"]):
-            out = self.pipe(
-                prompt=[str(p) for p in batch["prompt"][idx]],
+        prompts, seeds = batch["prompt"], batch["seed"]
+
+        def call(scale: float, idx: Any) -> list[Any]:
+            return self.pipe(
+                prompt=[str(p) for p in prompts[idx]],
                 negative_prompt=[o.negative_prompt] * len(idx) if o.negative_prompt else None,
                 guidance_scale=scale,
                 num_inference_steps=o.num_inference_steps,
                 audio_length_in_s=self.seconds,
-                generator=torch_generators(batch["seed"][idx], self.device),
+                generator=torch_generators(seeds[idx], self.device),
                 output_type="np",
-            )
-            for i, wav in zip(idx, out.audios, strict=True):
-                clips[i] = wav
+            ).audios
+
+        clips = run_guided(self.pipe, batch["guidance_scale"], call)
         samples = [resample(w.reshape(-1), self.sampling_rate, self.target.sample_rate) for w in clips]
         meta = [{"steps": o.num_inference_steps, "seconds": self.seconds} for _ in clips]
         return samples, meta

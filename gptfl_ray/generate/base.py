@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -27,7 +28,7 @@ PASSTHROUGH = ("row", "label", "label_name", "prompt", "guidance_scale", "seed",
 class Target:
     """What the task needs: the prompt modality and the sample format of the real data."""
 
-    modality: str  # prompt modality: "image" | "speech" | "audio"
+    modality: str  # prompt modality: "image" | "speech" | "audio" | "text"
     image_size: int | None = None  # square side of the task's images
     channels: int = 1
     sample_rate: int | None = None  # Hz of the task's audio
@@ -37,8 +38,8 @@ class Target:
 
     @property
     def kind(self) -> str:
-        """Output column: "image" (PNG bytes) or "audio" (float32 waveform)."""
-        return "image" if self.modality == "image" else "audio"
+        """Output column: "image" (PNG bytes), "text" (a string) or "audio" (float32 waveform)."""
+        return self.modality if self.modality in ("image", "text") else "audio"
 
 
 class GeneratorOptions(BaseModel):
@@ -51,8 +52,10 @@ class Generator:
     """Base class: subclasses set the class attributes and implement :meth:`generate`."""
 
     name: ClassVar[str]
-    kind: ClassVar[str]  # "image" | "audio"
-    modality: ClassVar[str]  # prompt modality it consumes: "image" | "speech" | "audio"
+    kind: ClassVar[str]  # "image" | "audio" | "text"
+    modality: ClassVar[str]  # prompt modality it consumes: "image" | "speech" | "audio" | "text"
+    # True: the pipeline hands ``generate`` one whole shard per call (text generators de-duplicate within it).
+    whole_shards: ClassVar[bool] = False
     default_model_id: ClassVar[str | None] = None
     Options: ClassVar[type[GeneratorOptions]] = GeneratorOptions
 
@@ -76,12 +79,13 @@ class Generator:
     # ----------------------------------------------------------------------------- shared
     @classmethod
     def prompt_modality(cls, options: GeneratorOptions, data_modality: str) -> str:
-        """The prompt modality for a dataset of ``data_modality`` ("image" | "audio"); errors if it cannot
-        make that kind of data."""
-        kind = "image" if data_modality == "image" else "audio"
+        """The prompt modality for a dataset of ``data_modality`` ("image" | "audio" | "text"); errors if it
+        cannot make that kind of data."""
+        kind = data_modality if data_modality in ("image", "text") else "audio"
         if cls.kind != kind:
+            article = "an" if data_modality[:1] in ("a", "i") else "a"
             raise ConfigError(
-                f"generate.generator: {cls.name!r} makes {cls.kind} but data.dataset is an {data_modality} dataset"
+                f"generate.generator: {cls.name!r} makes {cls.kind} but data.dataset is {article} {data_modality} dataset"
             )
         return cls.modality
 
@@ -109,6 +113,8 @@ class Generator:
         columns["meta"] = pa.array([json.dumps(m, sort_keys=True) for m in meta], type=pa.string())
         if self.kind == "image":
             columns["image"] = pa.array(samples, type=pa.binary())
+        elif self.kind == "text":
+            columns["text"] = pa.array(samples, type=pa.string())
         else:
             columns["audio"] = pa.array([clean_audio(s) for s in samples], type=pa.list_(pa.float32()))
         return pa.table(columns)
@@ -187,6 +193,8 @@ def group_by_guidance(scales: np.ndarray) -> list[tuple[float, np.ndarray]]:
 
 def _limit_threads_in_actor(num_cpus: float) -> None:
     """Inside a Ray worker, size torch's intra-op pool to the actor's CPU allotment (not the node's)."""
+    if "ray" not in sys.modules:  # not in a Ray worker (and Ray may not be installed: bench/gpu_check.py)
+        return
     import ray
 
     if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:

@@ -1,8 +1,8 @@
 """``diffusers``: text-to-image with a diffusers pipeline (default Stable Diffusion 2.1, as in GPT-FL).
 
 DPM-Solver++ (multistep) replaces the model's scheduler by default, so 20-25 steps suffice. Every sample
-keeps its own guidance scale (the batch is split into one pipeline call per distinct scale) and its own
-seeded ``torch.Generator``; images are resized to the task's resolution and channels.
+keeps its own guidance scale (one pipeline call per batch, see ``guidance.py``) and its own seeded
+``torch.Generator``; images are resized to the task's resolution and channels.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from gptfl_ray.generate.base import (
     Generator,
     GeneratorOptions,
     encode_png,
-    group_by_guidance,
     resolve_device,
     resolve_dtype,
     to_task_image,
     torch_generators,
 )
+from gptfl_ray.generate.guidance import run_guided
 from gptfl_ray.generate.registry import register
 
 
@@ -62,20 +62,21 @@ class DiffusersImageGenerator(Generator):
         o: DiffusersOptions = self.options  # type: ignore[assignment]
         size, channels = self.target.image_size, self.target.channels
         assert size is not None
-        images: list[Any] = [None] * len(batch["prompt"])
-        for scale, idx in group_by_guidance(batch["guidance_scale"]):
-            out = self.pipe(
-                prompt=[str(p) for p in batch["prompt"][idx]],
+        prompts, seeds = batch["prompt"], batch["seed"]
+
+        def call(scale: float, idx: Any) -> list[Any]:
+            return self.pipe(
+                prompt=[str(p) for p in prompts[idx]],
                 negative_prompt=[o.negative_prompt] * len(idx) if o.negative_prompt else None,
                 guidance_scale=scale,
                 num_inference_steps=o.num_inference_steps,
                 height=o.height,
                 width=o.width,
-                generator=torch_generators(batch["seed"][idx], self.device),
+                generator=torch_generators(seeds[idx], self.device),
                 output_type="pil",
-            )
-            for i, img in zip(idx, out.images, strict=True):
-                images[i] = img
+            ).images
+
+        images = run_guided(self.pipe, batch["guidance_scale"], call)
         samples = [encode_png(to_task_image(img, size, channels)) for img in images]
         meta = [{"steps": o.num_inference_steps, "native_size": list(img.size)} for img in images]
         return samples, meta
