@@ -90,6 +90,52 @@ def test_sampling_is_seeded_per_row(tiny_lm, rows, expanded):
     assert key(reordered) == key(expanded)  # independent of batching and order
 
 
+def count_generate_calls(monkeypatch) -> list[int]:
+    """Record the batch size of every ``generate`` call of any transformers model (the real one still runs)."""
+    from transformers.generation.utils import GenerationMixin
+
+    sizes: list[int] = []
+    original = GenerationMixin.generate
+
+    def spy(self, *args, **kwargs):
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        sizes.append(int(ids.shape[0]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", spy)
+    return sizes
+
+
+def test_sampling_is_one_generate_call_per_batch_and_reproducible(tiny_lm, rows, expanded, monkeypatch):
+    from gptfl_ray.prompts.backend_transformers import TransformersPromptExpander
+
+    calls = count_generate_calls(monkeypatch)
+    assert expand_rows(rows, lm_cfg(tiny_lm)) == expanded  # the same rows give the same table twice
+    assert calls == [4, 4, 4, 4, 2]  # 18 rows, batch_size 4: one call per batch (it was one per row)
+    raw = TransformersPromptExpander(lm_cfg(tiny_lm)).generate(rows)
+    assert calls[5:] == [18]
+    assert all(isinstance(t, str) and len(t.split()) <= 12 for t in raw)  # max_new_tokens word tokens
+    assert sum(bool(t) for t in raw) > len(rows) / 2  # sampling, not an empty string per row
+
+
+def test_row_sampler_samples_the_warped_distribution():
+    """Greedy argmax over RowSampler's output is a draw from softmax(logits / T) restricted to top-p."""
+    import torch
+
+    from gptfl_ray.prompts.backend_transformers import RowSampler
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().repeat(4000, 1)
+    ids = torch.zeros(4000, 1, dtype=torch.long)
+    picks = RowSampler(1.0, 0, 1.0, list(range(4000)), "cpu")(ids, logits.clone()).argmax(-1)
+    freq = torch.bincount(picks, minlength=4) / 4000
+    assert torch.allclose(freq, probs, atol=0.03), freq
+    nucleus = RowSampler(1.0, 0, 0.7, list(range(4000)), "cpu")(ids, logits.clone()).argmax(-1)
+    assert set(nucleus.tolist()) == {0, 1}  # top-p 0.7 keeps the two most likely tokens
+    again = RowSampler(1.0, 0, 1.0, list(range(4000)), "cpu")(ids, logits.clone()).argmax(-1)
+    assert torch.equal(picks, again)  # each row's draw is its seed's
+
+
 def test_synonyms_and_plain_text_mode(tiny_lm, rows):
     plain = expand_rows(rows, lm_cfg(tiny_lm, chat=False))
     with_syn = expand_rows(

@@ -173,6 +173,75 @@ def test_interrupted_run_resumes_without_redoing_finished_shards(ray_session, tm
     assert not list((out / "shards").glob(".*tmp"))
 
 
+def test_resume_after_deleting_one_shard_regenerates_only_it_bit_identically(ray_session, tmp_path, caplog):
+    cfg = validate_config(
+        {
+            "data": {"dataset": "mnist"},
+            "prompts": {"num_per_class": 10},
+            "generate": {"generator": "glyphs", "rows_per_shard": 8, "batch_size": 3},
+        }
+    )
+    out = tmp_path / "syn"
+    names = ["0", "1", "2"]  # 30 rows: shards of 8, 8, 8, 6 rows, batches cut at 0, 3, 6 within each
+    manifest = generate(cfg, out, label_names=names)
+    files = sorted((out / "shards").glob("*.parquet"))
+    assert [f.name for f in files] == [f"part-{k:05d}.parquet" for k in range(4)]
+    content = {f.name: f.read_bytes() for f in files}
+    before = shard_stats(out)
+    (out / "manifest.json").unlink()
+    (out / "shards" / "part-00002.parquet").unlink()
+    with caplog.at_level("INFO", logger="gptfl_ray.generate.pipeline"):
+        assert generate(cfg, out, label_names=names) == manifest
+    after = shard_stats(out)
+    assert {k: v for k, v in after.items() if k != "part-00002.parquet"} == {
+        k: v for k, v in before.items() if k != "part-00002.parquet"
+    }  # the others were not rewritten
+    assert after["part-00002.parquet"] != before["part-00002.parquet"]
+    assert {f.name: f.read_bytes() for f in sorted((out / "shards").glob("*.parquet"))} == content
+    wrote = [r.getMessage() for r in caplog.records if r.getMessage().startswith("generate: wrote part-")]
+    assert len(wrote) == 1 and wrote[0].startswith(
+        "generate: wrote part-00002.parquet (8 rows; 1/1 this run)"
+    )
+
+
+def test_generator_actors_write_shards_and_return_only_metadata(ray_session, tmp_path):
+    """The driver receives one small record per shard (no image, audio, text or prompt column); the actor
+    wrote the file, and the record's size, row range and checksum are the file's."""
+    import hashlib
+
+    import pyarrow as pa
+
+    from gptfl_ray.generate.pipeline import SHARD_INFO, shard_dataset, shard_metadata, task_target
+    from gptfl_ray.generate.registry import get_generator
+    from gptfl_ray.prompts.templates import build_prompt_table
+
+    cfg = mnist_cfg(concurrency=2)
+    gen_cls = get_generator("glyphs")
+    names = [str(i) for i in range(10)]
+    target = task_target(cfg, gen_cls, gen_cls.parse_options({}), names)
+    table = build_prompt_table(
+        cfg.prompts, names, modality="image", label_text=dict(zip(names, target.label_text, strict=True))
+    )
+    table = table.append_column("row", pa.array(np.arange(table.num_rows, dtype=np.int64)))  # 30 rows
+    out = tmp_path / "syn"
+    ds = shard_dataset(
+        table, [1, 3], gen_cls, cfg.generate, target, out, shard_metadata(cfg.generate, target)
+    )
+    received = [b for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
+    records = pa.concat_tables(received).sort_by("shard")
+    assert records.schema.equals(SHARD_INFO)  # metadata columns only
+    assert sum(b.nbytes for b in received) < 1024
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["part-00001.parquet", "part-00003.parquet"]
+    for info in records.to_pylist():
+        path = Path(info["path"])
+        data = path.read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (info["bytes"], info["sha256"])
+        shard = pq.read_table(path)
+        assert shard["row"].to_pylist() == list(range(info["row_first"], info["row_last"] + 1))
+        assert info["rows"] == shard.num_rows == (8 if info["shard"] == 1 else 6)
+        assert set(shard.column_names) >= IMAGE_COLUMNS  # the samples are in the file, not in the record
+
+
 def test_folder_of_another_config_is_refused(ray_session, tmp_path):
     out = tmp_path / "syn"
     bad = mnist_cfg().model_copy(

@@ -1,9 +1,11 @@
-"""The generator interface: one small class per generator, a callable for ``Dataset.map_batches``.
+"""The generator interface: one small class per generator, called on numpy batches of prompt-table rows.
 
 A generator is constructed once per actor (model loaded there), receives a numpy batch of prompt-table
 rows and returns a pyarrow table with the synthetic samples plus the provenance columns that end up in the
-Parquet shards. Every sample is a pure function of its row (prompt, guidance scale, seed), so a resumed
-run regenerates exactly what an interrupted one would have written.
+Parquet shards. Every sample is a function of its row (prompt, guidance scale, seed) and of the batch it is
+in (batches are cut at fixed offsets of each shard; for most generators the row alone decides, SpeechT5's
+batched decoding is the exception), so a resumed run regenerates exactly what an interrupted one would
+have written.
 """
 
 from __future__ import annotations

@@ -7,13 +7,19 @@ Folder layout (``out_dir``)::
     shards/part-00000.parquet ...   rows [k·rows_per_shard, (k+1)·rows_per_shard), sorted by ``row``
     manifest.json           written last: counts per class, config hash, fallbacks, "complete": true
 
+The generator actors write the shards themselves, into ``out_dir`` (on a cluster: storage every node sees),
+and return one small record per shard (id, path, rows, bytes, row range, sha256): the driver never holds an
+image or a waveform; it checks the records, prints one line per shard and writes the manifest last.
 A shard file exists only when complete and on disk (``io.atomic_path``: temp file, fsync, rename, fsync of the
-folder; so after a power loss a shard is whole or absent, never empty), and every sample is a pure function of its
-prompt-table row, so an interrupted run is resumed by generating only the missing shards.
+folder; so after a power loss a shard is whole or absent, never empty). Within a shard, batches are cut at fixed
+offsets from its first row, and every sample is a function of its prompt-table row and its batch (for most
+generators of the row alone), so an interrupted run is resumed by generating only the missing shards, bit for bit
+as the interrupted run would have.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -27,12 +33,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from gptfl_ray.config import GenerateConfig, RunConfig, config_hash
-from gptfl_ray.console import eta
+from gptfl_ray.console import eta, progress
 from gptfl_ray.data.base import get_spec
 from gptfl_ray.errors import ConfigError, InputError, InputNotFoundError
 from gptfl_ray.generate.base import Generator, Target
 from gptfl_ray.generate.registry import get_generator
-from gptfl_ray.io import atomic_path, atomic_write_json, read_json
+from gptfl_ray.io import atomic_path, atomic_write_bytes, atomic_write_json, read_json
 from gptfl_ray.ray_env import ensure_ray, ray_for
 
 log = logging.getLogger(__name__)
@@ -47,10 +53,15 @@ FORMAT_VERSION = 1
 # ----------------------------------------------------------------------------------------- public API
 def synthetic_hash(cfg: RunConfig) -> str:
     """Identifies a synthetic dataset: dataset, labels, prompts and generator sections (for the user's data,
-    also where it is and its image size: its labels and shape come from it)."""
+    also where it is and its image size: its labels and shape come from it; and the label column chosen)."""
     data: Any = cfg.data.dataset
+    # which labels the data has (e.g. MELD's emotion or sentiment): in the key only when set, so the keys of
+    # runs that never set them stay what they were
+    columns = cfg.data.model_dump(mode="json", include={"text_column", "label_column"}, exclude_none=True)
     if get_spec(cfg.data.dataset).from_data:
-        data = [data, cfg.data.model_dump(mode="json", include={"root", "image_size", "hf"})]
+        data = [data, {**cfg.data.model_dump(mode="json", include={"root", "image_size", "hf"}), **columns}]
+    elif columns:
+        data = [data, columns]
     return config_hash(data, cfg.labels, cfg.prompts, cfg.generate)
 
 
@@ -145,6 +156,8 @@ def task_target(cfg: RunConfig, gen_cls: type[Generator], options: Any, names: l
     common = {"label_names": tuple(names), "label_text": tuple(label_text.get(n, n) for n in names)}
     if spec.modality == "image":
         return Target(modality, image_size=spec.image_size, channels=spec.channels, **common)
+    if spec.modality == "text":
+        return Target(modality, **common)
     audio = cfg.data.audio
     return Target(modality, sample_rate=audio.sample_rate, clip_seconds=audio.clip_seconds, **common)
 
@@ -274,7 +287,12 @@ def finished_shards(out_dir: Path, num_rows: int, rows_per_shard: int) -> set[in
 
 
 class ShardWriter:
-    """Collects generated rows (arriving in any order) and writes each shard once all its rows are in."""
+    """Collects generated rows (arriving in any order) and writes each shard once all its rows are in.
+
+    A shard is written sorted by ``row``, only if its rows are exactly its range of the prompt table, through
+    ``io.atomic_write_bytes`` (temp file, fsync, rename, fsync of the folder). ``written`` holds one
+    :data:`SHARD_INFO` record per shard written: what the driver gets instead of the samples.
+    """
 
     def __init__(self, out_dir: Path, sizes: dict[int, int], rows_per_shard: int, metadata: dict[str, str]):
         self.out_dir = Path(out_dir)
@@ -283,8 +301,7 @@ class ShardWriter:
         self.metadata = {k.encode(): v.encode() for k, v in metadata.items()}
         self.pending: dict[int, list[pa.Table]] = {}
         self.counts: dict[int, int] = {}
-        self.written: list[int] = []
-        self.started = time.perf_counter()  # for each shard line's ETA
+        self.written: list[dict[str, Any]] = []
 
     def add(self, table: pa.Table) -> None:
         shard = pc.divide(table["row"], pa.scalar(self.rps, pa.int64())).to_numpy()
@@ -302,78 +319,195 @@ class ShardWriter:
 
     def _write(self, k: int) -> None:
         table = pa.concat_tables(self.pending.pop(k)).sort_by("row")
+        rows = table["row"].to_numpy()
+        first = k * self.rps
+        if not np.array_equal(rows, np.arange(first, first + self.sizes[k])):
+            raise RuntimeError(f"generate: shard {k} does not hold each of rows {first}.. exactly once")
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self.metadata})
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        data = sink.getvalue()
         path = shard_path(self.out_dir, k)
-        with atomic_path(path) as tmp:
-            pq.write_table(table, tmp, compression="zstd")
-        self.written.append(k)
-        log.info(
-            "generate: wrote %s (%d rows; %d/%d this run) %s",
-            path.name,
-            table.num_rows,
-            len(self.written),
-            len(self.sizes),
-            eta(len(self.written), len(self.sizes), time.perf_counter() - self.started),
+        atomic_write_bytes(path, memoryview(data))
+        self.written.append(
+            {
+                "shard": k,
+                "path": str(path),
+                "rows": table.num_rows,
+                "bytes": data.size,
+                "row_first": int(rows[0]),
+                "row_last": int(rows[-1]),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
         )
 
     def check_done(self) -> None:
-        missing = sorted(set(self.sizes) - set(self.written))
+        missing = sorted(set(self.sizes) - {w["shard"] for w in self.written})
         if missing:
             raise RuntimeError(f"generate: shards {missing} did not receive all their rows")
 
 
-BLOCKS_PER_ACTOR = (
-    8  # input blocks per actor: enough to balance the pool, few enough to keep task overhead low
+# What a generator actor returns to the driver per shard it wrote (never the samples).
+SHARD_INFO = pa.schema(
+    [
+        ("shard", pa.int64()),
+        ("path", pa.string()),
+        ("rows", pa.int64()),
+        ("bytes", pa.int64()),
+        ("row_first", pa.int64()),
+        ("row_last", pa.int64()),
+        ("sha256", pa.string()),  # of the shard file's bytes
+    ]
 )
 
 
-def input_blocks(
-    table: pa.Table, sizes: dict[int, int], rows_per_shard: int, g: GenerateConfig
-) -> list[pa.Table]:
-    """The rows of the scheduled shards cut into blocks: whole batches, never across a shard boundary."""
-    total = sum(sizes.values())
-    batches = math.ceil(total / (BLOCKS_PER_ACTOR * g.concurrency * g.batch_size))
-    block = g.batch_size * max(1, min(max(1, rows_per_shard // g.batch_size), batches))
-    return [
-        table.slice(k * rows_per_shard + start, min(block, sizes[k] - start))
-        for k in sorted(sizes)
-        for start in range(0, sizes[k], block)
-    ]
+class ShardMaker:
+    """A generator actor that makes whole shards and writes them itself (``Dataset.map_batches`` class).
+
+    Per actor: the generator (model loaded once) and the prompt table. Per shard id received: the shard's
+    prompt rows are cut into batches of ``batch_size`` from the shard's first row (or handed over whole to a
+    ``whole_shards`` generator), so a batch, and hence every sample, is a function of the prompt table and
+    the config alone, the same in a resumed run; the shard is written by :class:`ShardWriter` into
+    ``out_dir`` (storage every node sees) and only its :data:`SHARD_INFO` record is returned.
+    """
+
+    def __init__(
+        self,
+        gen_cls: type[Generator],
+        cfg: GenerateConfig,
+        target: Target,
+        prompts: Any,
+        out_dir: str,
+        rows_per_shard: int,
+        metadata: dict[str, str],
+    ):
+        import ray
+
+        self.generator = gen_cls(cfg, target)
+        self.whole_shards = bool(getattr(gen_cls, "whole_shards", False))
+        self.prompts: pa.Table = ray.get(prompts) if isinstance(prompts, ray.ObjectRef) else prompts
+        self.batch_size = cfg.batch_size
+        self.out_dir = Path(out_dir)
+        self.rps = rows_per_shard
+        self.metadata = metadata
+
+    def make(self, k: int) -> list[dict[str, Any]]:
+        """Generate and write shard ``k``; its info record."""
+        from ray.data.block import BlockAccessor
+
+        start = k * self.rps
+        size = min(self.rps, self.prompts.num_rows - start)
+        if size <= 0:
+            raise RuntimeError(f"generate: shard {k} is past the end of the prompt table")
+        rows = self.prompts.slice(start, size)
+        writer = ShardWriter(self.out_dir, {k: size}, self.rps, self.metadata)
+        step = size if self.whole_shards else self.batch_size
+        for b in range(0, size, step):
+            # The batch as Ray Data would hand it to the generator (batch_format="numpy").
+            batch = BlockAccessor.for_block(rows.slice(b, step)).to_batch_format("numpy")
+            writer.add(self.generator(batch))
+        writer.check_done()
+        return writer.written
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        infos = [info for k in batch["shard"] for info in self.make(int(k))]
+        return pa.Table.from_pylist(infos, schema=SHARD_INFO)
 
 
-def generation_dataset(
-    blocks: list[pa.Table], gen_cls: type[Generator], g: GenerateConfig, target: Target
+def shard_dataset(
+    table: pa.Table,
+    todo: list[int],
+    gen_cls: type[Generator],
+    g: GenerateConfig,
+    target: Target,
+    out_dir: Path,
+    metadata: dict[str, str],
 ) -> Any:
-    """The Ray Data graph: prompt rows -> ``gen_cls`` in a pool of ``g.concurrency`` actors (operator
-    ``MapBatches(<generator class>)``), each with ``g.num_cpus`` CPUs and ``g.num_gpus`` GPUs."""
+    """The Ray Data graph: shard ids -> :class:`ShardMaker` in a pool of ``g.concurrency`` actors (operator
+    ``MapBatches(ShardMaker)``, each with ``g.num_cpus`` CPUs and ``g.num_gpus`` GPUs) -> one
+    :data:`SHARD_INFO` row per shard written.
+
+    Not ``Dataset.write_parquet``: its files are cut by block and row count rather than by our row ranges,
+    named by its own scheme, and written in place (no temp file, fsync and rename), and it reports nothing
+    per file; resume, the manifest and the row checks need whole shards at known paths, written atomically.
+    """
     import ray
 
-    return ray.data.from_arrow(blocks).map_batches(
-        gen_cls,
-        fn_constructor_kwargs={"cfg": g, "target": target},
-        batch_size=g.batch_size,
+    prompts = ray.put(table)  # once; each actor fetches it when it starts
+    items = [{"shard": int(k)} for k in todo]
+    return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
+        ShardMaker,
+        fn_constructor_kwargs={
+            "gen_cls": gen_cls,
+            "cfg": g,
+            "target": target,
+            "prompts": prompts,
+            "out_dir": str(out_dir),
+            "rows_per_shard": g.rows_per_shard,
+            "metadata": metadata,
+        },
+        batch_size=1,  # one shard per call
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=g.concurrency),
+        # One shard in flight per actor: a shard is a long task with a tiny input, so queueing a second one
+        # behind it gains nothing and could leave it waiting while another actor idles at the end.
+        compute=ray.data.ActorPoolStrategy(size=g.concurrency, max_tasks_in_flight_per_actor=1),
         num_cpus=g.num_cpus,
         num_gpus=g.num_gpus or None,
     )
 
 
-def _generate_shards(
-    cfg: RunConfig, gen_cls: type[Generator], target: Target, table: pa.Table, todo: list[int], out_dir: Path
-) -> None:
-    g = cfg.generate
-    rps = g.rows_per_shard
-    sizes = {k: min(rps, table.num_rows - k * rps) for k in todo}
-    ensure_ray(cfg.ray_address)
-    ds = generation_dataset(input_blocks(table, sizes, rps, g), gen_cls, g, target)
+def shard_metadata(g: GenerateConfig, target: Target) -> dict[str, str]:
+    """Key-value metadata every shard file carries."""
     metadata = {"gptfl.generator": g.generator, "gptfl.kind": target.kind}
     if target.sample_rate:
         metadata["gptfl.sample_rate"] = str(target.sample_rate)
-    writer = ShardWriter(out_dir, sizes, rps, metadata)
+    return metadata
+
+
+def write_shards(
+    table: pa.Table,
+    todo: list[int],
+    gen_cls: type[Generator],
+    g: GenerateConfig,
+    target: Target,
+    out_dir: Path,
+) -> list[dict[str, Any]]:
+    """Have the actors make shards ``todo`` of ``table`` in ``out_dir``; the driver gets, checks and logs
+    (one line per shard) their info records only; returns them in shard order."""
+    rps = g.rows_per_shard
+    sizes = {k: min(rps, table.num_rows - k * rps) for k in todo}
+    ds = shard_dataset(table, todo, gen_cls, g, target, out_dir, shard_metadata(g, target))
+    done: dict[int, dict[str, Any]] = {}
+    started = time.perf_counter()  # for each shard line's ETA
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        writer.add(batch)
-    writer.check_done()
+        for info in batch.to_pylist():
+            k = info["shard"]
+            if k not in sizes or k in done:
+                raise RuntimeError(f"generate: shard {k} reported {'twice' if k in done else 'unscheduled'}")
+            expected = (sizes[k], k * rps, k * rps + sizes[k] - 1)
+            if (info["rows"], info["row_first"], info["row_last"]) != expected:
+                raise RuntimeError(f"generate: shard {k} holds rows {info['row_first']}..{info['row_last']}")
+            done[k] = info
+            log.info(
+                "generate: wrote %s (%d rows; %d/%d this run) %s",
+                Path(info["path"]).name,
+                info["rows"],
+                len(done),
+                len(sizes),
+                eta(len(done), len(sizes), time.perf_counter() - started),
+                extra=progress("generation shards", len(done), len(sizes)),
+            )
+    missing = sorted(set(sizes) - set(done))
+    if missing:
+        raise RuntimeError(f"generate: shards {missing} were not written")
+    return [done[k] for k in sorted(done)]
+
+
+def _generate_shards(
+    cfg: RunConfig, gen_cls: type[Generator], target: Target, table: pa.Table, todo: list[int], out_dir: Path
+) -> None:
+    ensure_ray(cfg.ray_address)
+    write_shards(table, todo, gen_cls, cfg.generate, target, out_dir)
 
 
 # ------------------------------------------------------------------------------------------ manifest
@@ -415,7 +549,7 @@ def _manifest(
     }
     if target.kind == "image":
         manifest.update(image_size=target.image_size, channels=target.channels)
-    else:
+    elif target.kind == "audio":
         manifest.update(sample_rate=target.sample_rate)
     manifest["complete"] = True
     return manifest

@@ -1,13 +1,27 @@
 """``speecht5``: SpeechT5 text-to-speech + HiFi-GAN vocoder (transformers), as in GPT-FL's speech tasks.
 
 Speaker identity comes from x-vectors in a local file (``.npy``/``.pt``/``.safetensors``, shape (N, D));
-each sample uses a fixed speaker or one drawn from its seed. SpeechT5's decoder pre-net keeps dropout on at
-inference (its source of prosody variation), so each sample runs alone under its own torch seed: a
-sample never depends on its batch-mates. Output is resampled from the vocoder's rate to the task's.
+each sample uses a fixed speaker or one drawn from its seed. Output is resampled from the vocoder's rate to
+the task's.
+
+Batching and seeding contract: a batch is one ``model.generate`` call (text right-padded, attention mask
+passed) and one batched vocoder call, cut to each row's own length (``return_output_lengths``). The only
+randomness is the decoder pre-net's dropout, on at inference (its source of prosody variation); transformers
+draws one mask for the whole batch from the global RNG, so here it is replaced by :class:`RowDropout`: row
+i's masks come from its own ``torch.Generator`` seeded with the row's ``seed``. A row's random stream is thus
+its own, equal to the one-row call under ``torch.manual_seed(seed)``. What batch-mates can still change:
+(1) transformers sizes ``minlenratio``/``maxlenratio`` from the padded (longest) input, so a shorter row may be
+held longer (minlenratio > 0) or cut later (when it never reaches ``threshold``); (2) the vocoder sees the row's
+spectrogram followed by zero frames, so the last samples (within its receptive field) differ; (3) padded
+matmuls may round differently. So a sample is a pure function of its row *and its batch*; the pipeline forms
+batches deterministically from the prompt table (fixed offsets within each shard), so a resumed run
+regenerates bit-identical shards.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,7 +30,13 @@ from pydantic import Field
 
 from gptfl_ray.config import ConfigError
 from gptfl_ray.data.audio import resample
-from gptfl_ray.generate.base import Generator, GeneratorOptions, resolve_device, resolve_dtype
+from gptfl_ray.generate.base import (
+    Generator,
+    GeneratorOptions,
+    resolve_device,
+    resolve_dtype,
+    torch_generators,
+)
 from gptfl_ray.generate.registry import register
 
 
@@ -57,33 +77,82 @@ class SpeechT5Generator(Generator):
                 f"generate.options.speaker: {o.speaker} out of range (file has {len(speakers)})"
             )
         self.speakers = torch.from_numpy(speakers).to(self.device, dtype)
+        self.dropout = RowDropout(self.model.speecht5.decoder.prenet)
 
     def generate(self, batch):
         import torch
 
         o: SpeechT5Options = self.options  # type: ignore[assignment]
-        samples, meta = [], []
-        for text, seed in zip(batch["prompt"], batch["seed"], strict=True):
-            rng = np.random.default_rng(int(seed))
-            spk = o.speaker if isinstance(o.speaker, int) else int(rng.integers(len(self.speakers)))
-            inputs = self.processor(text=str(text), return_tensors="pt").to(self.device)
-            with (
-                torch.random.fork_rng(devices=[self.device] if self.device == "cuda" else []),
-                torch.no_grad(),
-            ):
-                torch.manual_seed(int(seed))
-                wav = self.model.generate(
-                    inputs["input_ids"],
-                    speaker_embeddings=self.speakers[spk : spk + 1],
-                    vocoder=self.vocoder,
-                    threshold=o.threshold,
-                    minlenratio=o.minlenratio,
-                    maxlenratio=o.maxlenratio,
-                )
-            wav = wav.float().cpu().numpy().reshape(-1)
-            samples.append(resample(wav, self.sampling_rate, self.target.sample_rate))
-            meta.append({"speaker": spk, "text": str(text)})
+        texts = [str(t) for t in batch["prompt"]]
+        seeds = np.asarray(batch["seed"], dtype=np.int64)
+        speakers = [
+            o.speaker
+            if isinstance(o.speaker, int)
+            else int(np.random.default_rng(int(s)).integers(len(self.speakers)))
+            for s in seeds
+        ]
+        inputs = self.processor(text=texts, padding=True, return_tensors="pt").to(self.device)
+        with self.dropout.seeded(torch_generators(seeds, self.device)), torch.no_grad():
+            waves, lengths = self.model.generate(
+                inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                speaker_embeddings=self.speakers[speakers],
+                vocoder=self.vocoder,
+                threshold=o.threshold,
+                minlenratio=o.minlenratio,
+                maxlenratio=o.maxlenratio,
+                return_output_lengths=True,
+            )
+        waves = waves.float().cpu().numpy().reshape(len(texts), -1)
+        samples = [
+            resample(wave[:n], self.sampling_rate, self.target.sample_rate)
+            for wave, n in zip(waves, lengths, strict=True)
+        ]
+        meta = [{"speaker": spk, "text": text} for spk, text in zip(speakers, texts, strict=True)]
         return samples, meta
+
+
+class RowDropout:
+    """SpeechT5's decoder pre-net dropout with one mask per row, each from the row's own generator.
+
+    Replaces ``SpeechT5SpeechDecoderPrenet._consistent_dropout`` on one model instance (transformers draws one
+    mask from the global RNG and repeats it over the batch). Same arithmetic as the original, so a one-row
+    batch under generator(seed) equals the original under ``torch.manual_seed(seed)``; outside
+    :meth:`seeded` the original runs.
+    """
+
+    def __init__(self, prenet: Any):
+        if not callable(getattr(prenet, "_consistent_dropout", None)):
+            import transformers
+
+            raise RuntimeError(
+                f"generate: transformers {transformers.__version__}: SpeechT5's decoder pre-net has no "
+                "_consistent_dropout; per-row seeding needs updating for this version"
+            )
+        self.generators: list[Any] | None = None
+        self.shared = prenet._consistent_dropout  # transformers' own, used outside ``seeded``
+        prenet._consistent_dropout = self
+
+    @contextmanager
+    def seeded(self, generators: list[Any]) -> Iterator[None]:
+        self.generators = generators
+        try:
+            yield
+        finally:
+            self.generators = None
+
+    def __call__(self, inputs_embeds: Any, p: float) -> Any:
+        import torch
+
+        gens = self.generators
+        if gens is None:
+            return self.shared(inputs_embeds, p)
+        if len(gens) != inputs_embeds.size(0):
+            raise RuntimeError("generate: SpeechT5 pre-net dropout called without one generator per row")
+        masks = torch.stack(
+            [torch.bernoulli(row, p=p, generator=g) for row, g in zip(inputs_embeds, gens, strict=True)]
+        )
+        return torch.where(masks == 1, inputs_embeds, 0) * 1 / (1 - p)
 
 
 def load_pretrained(cls: Any, model_id: str, field: str, **kwargs: Any) -> Any:

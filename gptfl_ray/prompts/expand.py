@@ -8,7 +8,8 @@ fails the step in one line naming the endpoint and what it answered (an unreacha
 model name must not silently turn an LLM run into a template run). Backends:
 
 - ``templates``: identity (offline default), ``expansion_fallback`` False everywhere.
-- ``transformers``: text-generation pipeline in a Ray Data actor pool (``TransformersPromptExpander``).
+- ``transformers``: a causal LM in a Ray Data actor pool, one ``generate`` call per batch, each row sampled
+  from its own seeded stream (``TransformersPromptExpander``; the seeding contract is in its module).
 - ``vllm``: ray.data.llm processor with vLLM engine actors (``backend_vllm``).
 - ``openai``: OpenAI-compatible chat completions over HTTP (``OpenAIPromptExpander``).
 """
