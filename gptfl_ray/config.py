@@ -82,9 +82,18 @@ class HFDataConfig(Section):
         return self
 
 
+class TextConfig(Section):
+    """Text datasets: how each text becomes ``max_length`` token ids (gptfl_ray/data/text.py; -1 = padding)."""
+
+    # None: the model's own: a `hf:` model's tokenizer (its path), else "hash" (hashed words: no training, so no
+    # client text reaches the server). Or a Hugging Face tokenizer by hub id or local path (AutoTokenizer).
+    tokenizer: str | None = None
+    max_length: int = Field(64, gt=0, le=8192)  # tokens kept per text (longer texts are cut)
+
+
 # Fields of DataConfig added for user data: not dumped while unset, so configs, run folders and cache keys of
 # the built-in datasets stay what they were.
-_OWN_DATA_FIELDS = ("image_size", "group_regex", "hf")
+_OWN_DATA_FIELDS = ("image_size", "group_regex", "hf", "text_column", "label_column", "group_column", "text")
 
 
 class DataConfig(Section):
@@ -94,6 +103,12 @@ class DataConfig(Section):
     image_size: int | None = Field(None, gt=0)  # own image data: resize to this square side (None = keep)
     group_regex: str | None = None  # audiofolder: first group of this regex on the file name = speaker/group
     hf: HFDataConfig | None = None  # data.dataset hf: where and which columns
+    text_column: str | None = None  # textfile: the column holding the text (default "text")
+    # meld: emotion (7 classes, the default) or sentiment (3); textfile: the label column (default "label")
+    label_column: str | None = None
+    # textfile: the column of natural client ids (e.g. a speaker), for partition.method natural
+    group_column: str | None = None
+    text: TextConfig | None = None  # text datasets: tokenization (None: TextConfig's defaults)
     # Held-out test set. "official" uses the dataset's own split; "holdout" carves num_test samples
     # out of the available pool (MNIST here ships only its 10k test set).
     test_split: Literal["official", "holdout"] = "official"
@@ -329,9 +344,11 @@ class PromptsConfig(Section):
 class GenerateConfig(Section):
     """Step 2. ``options`` are the generator's own (validated by it; unknown keys name
     ``generate.options.<key>``), see gptfl_ray/generate/<module>.py: glyphs (image_glyphs), espeak
-    (speech_espeak), diffusers (image_diffusers), speecht5 (speech_t5), audioldm (audio_ldm), remote."""
+    (speech_espeak), diffusers (image_diffusers), speecht5 (speech_t5), audioldm (audio_ldm), remote,
+    text-grammar (text_grammar), text-llm (text_llm)."""
 
-    generator: str = "glyphs"  # glyphs | espeak | diffusers | speecht5 | audioldm | remote
+    # glyphs | espeak | diffusers | speecht5 | audioldm | remote | text-grammar | text-llm
+    generator: str = "glyphs"
     model_id: str | None = None  # hub id or local path; None = the generator's default
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: fp16 on GPU, fp32 on CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -443,7 +460,9 @@ class FLConfig(Section):
     secagg_clip: float = Field(1.0, gt=0)
     secagg_buffer_clip: float = Field(100.0, gt=0)
     secagg_timeout_s: float = Field(600.0, gt=0)  # per-stage deadline; actors that miss it drop out
+    # "Rounds / MB to target": the first evaluated round whose `target_metric` reaches `target_accuracy`.
     target_accuracy: float | None = Field(None, gt=0, le=1)
+    target_metric: Literal["accuracy", "weighted_f1", "macro_f1"] = "accuracy"
     # "federated": FL rounds; "isolated": the paper's client-isolated fine-tuning control.
     mode: Literal["federated", "isolated"] = "federated"
     isolated_clients: int = Field(10, gt=0)
@@ -452,6 +471,14 @@ class FLConfig(Section):
     )  # local epochs of the isolated control (None: local.epochs)
 
     _check_secagg_threshold = field_validator("secagg_threshold")(_majority_threshold)
+
+    @model_serializer(mode="wrap")
+    def _drop_default_target_metric(self, handler: Any) -> dict[str, Any]:
+        # Not dumped at its default, so configs, run folders and cache keys from before the field stay the same.
+        out = handler(self)
+        if out.get("target_metric") == "accuracy":
+            out.pop("target_metric", None)
+        return out
 
 
 class BaselineConfig(Section):
@@ -491,6 +518,29 @@ class RunConfig(Section):
     public_data: PublicDataConfig = PublicDataConfig()
     baselines: list[BaselineConfig] = Field(default_factory=list)
     tracking: TrackingConfig = TrackingConfig()  # where results are logged, not what they are
+
+    @field_validator("model")
+    @classmethod
+    def _text_tokenizer(cls, model: ModelConfig, info: ValidationInfo) -> ModelConfig:
+        """Text data: a `hf:` model reads its own tokenizer's ids (``data.text.tokenizer`` is set to its path when
+        unset); text_cnn reads the hashing tokenizer's."""
+        from gptfl_ray.data.base import lookup
+        from gptfl_ray.models.specs import HF_PREFIX, hashed_ids_only
+
+        data = info.data.get("data")
+        if data is None or "text" not in lookup(data.dataset).options:
+            return model
+        tokenizer = data.text.tokenizer if data.text is not None else None
+        if model.name.startswith(HF_PREFIX) and tokenizer is None:
+            path = model.name[len(HF_PREFIX) :]
+            data.text = (data.text or TextConfig()).model_copy(update={"tokenizer": path})
+        elif hashed_ids_only(model.name) and tokenizer not in (None, "hash"):
+            raise PydanticCustomError(
+                "text_tokenizer",
+                "{name} reads the hashing tokenizer's ids: leave data.text.tokenizer unset (or 'hash')",
+                {"name": model.name},
+            )
+        return model
 
 
 # --------------------------------------------------------------------------------------- loading

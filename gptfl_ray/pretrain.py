@@ -68,6 +68,7 @@ class Augment(nn.Module):
 
     Images: random resized crop (scale 0.8-1) and, where the task allows, horizontal flip.
     Audio (log-mel): random time shift, additive noise and SpecAugment frequency/time masks.
+    Text (token ids): word dropout, each token replaced by padding (-1) with probability 0.1.
     """
 
     def __init__(self, modality: str, flip: bool):
@@ -78,7 +79,7 @@ class Augment(nn.Module):
 
             self.crop = v2.RandomResizedCrop(size=1, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True)
             self.flip = v2.RandomHorizontalFlip() if flip else nn.Identity()
-        else:
+        elif modality != "text":
             import torchaudio.transforms as AT
 
             self.freq_mask = AT.FrequencyMasking(freq_mask_param=6, iid_masks=True)
@@ -89,6 +90,8 @@ class Augment(nn.Module):
         if self.modality == "image":
             self.crop.size = list(x.shape[-2:])
             return torch.stack([self.flip(self.crop(s)) for s in x])
+        if self.modality == "text":
+            return x.masked_fill(torch.rand(x.shape, device=x.device) < 0.1, -1)
         shifts = torch.randint(-8, 9, (x.shape[0],)).tolist()
         x = torch.stack([torch.roll(s, sh, dims=-1) for s, sh in zip(x, shifts, strict=True)])
         x = x + 0.1 * torch.rand(x.shape[0], 1, 1, 1) * torch.randn_like(x)
@@ -347,7 +350,9 @@ def pretrain_key(cfg: RunConfig, synthetic_id: str, seed: int) -> str:
     """Config hash identifying a pretraining output: the synthetic set (``synthetic_identity``), the model, the
     recipe and the seed; with ``model.weights``, that file's identity (path, size, mtime)."""
     start = [weights_identity(cfg.model.weights)] if cfg.model.weights else []
-    return config_hash(synthetic_id, cfg.model, cfg.pretrain, cfg.data.audio, seed, *start)
+    # text datasets: the tokenization, when set (unset: the keys of earlier runs stay the same)
+    text = [cfg.data.text] if cfg.data.text is not None else []
+    return config_hash(synthetic_id, cfg.model, cfg.pretrain, cfg.data.audio, seed, *start, *text)
 
 
 def fit(
@@ -495,6 +500,8 @@ def pretrain(
         model.load_state_dict(state)
         ev = evaluate(model, test[0], test[1], batch_size=512)
         metrics["real_test_accuracy"] = ev["accuracy"]
+        metrics["real_test_weighted_f1"] = ev["weighted_f1"]
+        metrics["real_test_macro_f1"] = ev["macro_f1"]
         metrics["real_test_loss"] = ev["loss"]
         metrics["real_test_per_class_accuracy"] = ev["per_class_accuracy"]
     save_weights(out_dir / "weights.safetensors", state, metadata={"model": cfg.model.name})

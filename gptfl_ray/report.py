@@ -42,9 +42,17 @@ def fmt_num(values: list[float | None], unit: str = "") -> str:
 
 def run_accuracy(summary: dict[str, Any]) -> float | None:
     """A run summary's headline accuracy: FL's final test accuracy; the isolated control's mean client accuracy."""
+    return run_metric(summary, "accuracy")
+
+
+def run_metric(summary: dict[str, Any], metric: str) -> float | None:
+    """A run summary's final ``metric`` (accuracy, weighted_f1, macro_f1); the isolated control's client mean."""
     if summary.get("mode") == "isolated":
-        return summary.get("isolated_mean_accuracy")
-    return summary.get("final_accuracy")
+        return summary.get(f"isolated_mean_{metric}")
+    return summary.get(f"final_{metric}")
+
+
+F1_METRICS = ("weighted_f1", "macro_f1")  # shown in the table and plotted where the runs recorded them
 
 
 def collect(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
@@ -62,6 +70,7 @@ def collect(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
                 "arm": arm,
                 # client-isolated runs (fl.mode: isolated) report the mean over their fine-tuned clients
                 "final_accuracy": mean_std([run_accuracy(s) for s in summaries]),
+                **{f"final_{m}": mean_std([run_metric(s, m) for s in summaries]) for m in F1_METRICS},
                 "best_accuracy": mean_std([s.get("best_accuracy") for s in summaries]),
                 "rounds_to_target": [s.get("rounds_to_target") for s in summaries],
                 "mb_to_target": [s.get("mb_to_target") for s in summaries],
@@ -74,22 +83,38 @@ def collect(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
                 "strategy": summaries[0].get("strategy") if summaries else None,
             }
         )
-    syn = synthetic_only_groups(results.get("synthetic_only", {}))
-    return {"rows": rows, "curves": curves, "synthetic_only": {g: mean_std(v) for g, v in syn.items()}}
+    entries = results.get("synthetic_only", {})
+    syn = synthetic_only_groups(entries)
+    return {
+        "rows": rows,
+        "curves": curves,
+        "synthetic_only": {g: mean_std(v) for g, v in syn.items()},
+        # {metric: {group: (mean, std, n)}}: the synthetic-only F1s, where pretraining recorded them
+        "synthetic_only_f1": {
+            m: {g: mean_std(v) for g, v in synthetic_only_groups(entries, f"real_test_{m}").items()}
+            for m in F1_METRICS
+        },
+    }
 
 
-def synthetic_only_groups(entries: dict[str, Any]) -> dict[str, list[float | None]]:
-    """``results["synthetic_only"]`` as {group: per-seed real-test accuracies}.
+def synthetic_only_groups(
+    entries: dict[str, Any], key: str = "real_test_accuracy"
+) -> dict[str, list[float | None]]:
+    """``results["synthetic_only"]`` as {group: per-seed real-test accuracies} (or another ``key``'s values).
 
     A run pretrains one model per seed: ``{seed: entry}``, one unnamed group ``""``. A sweep pretrains one per
     grid point and seed: ``{arm: {seed: entry}}``, one group per arm.
     """
     if all("real_test_accuracy" in v for v in entries.values()):  # a run's index (or empty)
-        return {"": [v["real_test_accuracy"] for _, v in sorted(entries.items())]}
-    return {
-        arm: [v.get("real_test_accuracy") for _, v in sorted(by_seed.items())]
-        for arm, by_seed in entries.items()
-    }
+        return {"": [v.get(key) for _, v in sorted(entries.items())]}
+    return {arm: [v.get(key) for _, v in sorted(by_seed.items())] for arm, by_seed in entries.items()}
+
+
+def has_f1(data: dict[str, Any]) -> bool:
+    """Whether the runs recorded F1 (every evaluation does since F1 was added; older run folders did not)."""
+    return any(r[f"final_{m}"][2] for r in data["rows"] for m in F1_METRICS) or any(
+        stats[2] for groups in data.get("synthetic_only_f1", {}).values() for stats in groups.values()
+    )
 
 
 def _plot(
@@ -140,21 +165,31 @@ def _plot(
 
 
 def table_lines(data: dict[str, Any], target: float | None) -> list[str]:
+    """The results table; with weighted and macro F1 columns next to accuracy where the runs recorded them."""
+    f1 = has_f1(data)
+    f1_head = " weighted F1 % | macro F1 % |" if f1 else ""
     head = (
-        "| arm | final acc % (mean ± std) | best acc % | rounds to target | MB to target | total MB "
+        f"| arm | final acc % (mean ± std) |{f1_head} best acc % | rounds to target | MB to target | total MB "
         "| s/round (server) |"
     )
-    lines = [head, "|---|---|---|---|---|---|---|"]
+    lines = [head, "|---" * (7 + 2 * f1) + "|"]
     for r in data["rows"]:
+        f1_cells = "".join(f" {fmt_pct(*r[f'final_{m}'])} |" for m in F1_METRICS) if f1 else ""
         lines.append(
-            f"| {r['arm']} | {fmt_pct(*r['final_accuracy'])} | {fmt_pct(*r['best_accuracy'])} | "
+            f"| {r['arm']} | {fmt_pct(*r['final_accuracy'])} |{f1_cells} {fmt_pct(*r['best_accuracy'])} | "
             f"{fmt_num(r['rounds_to_target']) if target else '–'} | "
             f"{fmt_num(r['mb_to_target'], ' MB') if target else '–'} | {r['total_mb']:.1f} | "
             f"{_seconds(r.get('round_s'))} ({_seconds(r.get('server_s'))}) |"
         )
     for group, stats in data["synthetic_only"].items():
         name = f"synthetic only (no FL): {group}" if group else "synthetic only (no FL)"
-        lines.append(f"| {name} | {fmt_pct(*stats)} | – | – | – | 0.0 | – |")
+        syn_f1 = data.get("synthetic_only_f1", {})
+        f1_cells = (
+            "".join(f" {fmt_pct(*syn_f1.get(m, {}).get(group, (0.0, 0.0, 0)))} |" for m in F1_METRICS)
+            if f1
+            else ""
+        )
+        lines.append(f"| {name} | {fmt_pct(*stats)} |{f1_cells} – | – | – | 0.0 | – |")
     return lines
 
 
@@ -183,12 +218,20 @@ def write_report(run_dir: Path, results: dict[str, Any]) -> Path:
     _plot(
         data["curves"], "round", "grad_diversity", "round", "gradient diversity", plots / "grad_diversity.png"
     )
+    f1_plots = []
+    if has_f1(data):
+        for m in F1_METRICS:
+            label = m.replace("_f1", " F1")
+            syn_f1 = {g: stats[0] for g, stats in data["synthetic_only_f1"][m].items()}
+            _plot(data["curves"], "round", m, "round", f"test {label}", plots / f"{m}_vs_round.png", syn_f1)
+            f1_plots.append(f"![{label} vs round](plots/{m}_vs_round.png)")
     target = results.get("target_accuracy")
+    metric = results.get("target_metric", "accuracy")
     lines = [
         f"# GPT-FL run: {results.get('name', run_dir.name)}",
         "",
-        f"Seeds: {results.get('seeds')}. Target accuracy: {f'{100 * target:.0f}%' if target else 'none'}."
-        + _wall_time(results),
+        f"Seeds: {results.get('seeds')}. Target {metric.replace('_', ' ')}: "
+        f"{f'{100 * target:.0f}%' if target else 'none'}." + _wall_time(results),
         "",
         *table_lines(data, target),
         "",
@@ -207,6 +250,7 @@ def write_report(run_dir: Path, results: dict[str, Any]) -> Path:
         "![accuracy vs round](plots/accuracy_vs_round.png)",
         "![accuracy vs communication](plots/accuracy_vs_mb.png)",
         "![gradient diversity](plots/grad_diversity.png)",
+        *f1_plots,
         "",
     ]
     path = run_dir / "report.md"
@@ -220,11 +264,20 @@ def write_report(run_dir: Path, results: dict[str, Any]) -> Path:
                     **r,
                     "final_accuracy_mean": r["final_accuracy"][0],
                     "final_accuracy_std": r["final_accuracy"][1],
+                    **{f"final_{m}_mean": r[f"final_{m}"][0] for m in F1_METRICS},
+                    **{f"final_{m}_std": r[f"final_{m}"][1] for m in F1_METRICS},
                 }
                 for r in data["rows"]
             ],
             "synthetic_only": [
-                {"arm": group, "mean": m, "std": sd, "seeds": n}
+                {
+                    "arm": group,
+                    "mean": m,
+                    "std": sd,
+                    "seeds": n,
+                    **{f"{f}_mean": data["synthetic_only_f1"][f][group][0] for f in F1_METRICS},
+                    **{f"{f}_std": data["synthetic_only_f1"][f][group][1] for f in F1_METRICS},
+                }
                 for group, (m, sd, n) in data["synthetic_only"].items()
             ],
             # the one synthetic-only result of a run (None when a sweep has several, one per grid point)

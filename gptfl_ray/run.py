@@ -227,6 +227,7 @@ def run(cfg: RunConfig, run_dir: Path, test: Any = None) -> dict[str, Any]:
         "arms": {},
         "synthetic_only": {},
         "target_accuracy": cfg.fl.target_accuracy,
+        "target_metric": cfg.fl.target_metric,
         "synthetic_dir": synthetic.name,
     }
     for seed in cfg.seeds:
@@ -234,6 +235,8 @@ def run(cfg: RunConfig, run_dir: Path, test: Any = None) -> dict[str, Any]:
         tracker.log_pretrain(seed, weights.parent, pre)
         results["synthetic_only"][str(seed)] = {
             "real_test_accuracy": pre.get("real_test_accuracy"),
+            "real_test_weighted_f1": pre.get("real_test_weighted_f1"),
+            "real_test_macro_f1": pre.get("real_test_macro_f1"),
             "val_accuracy": pre.get("final_val_accuracy"),
             "pretrain_dir": weights.parent.name,
         }

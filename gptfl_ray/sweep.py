@@ -101,6 +101,13 @@ SMOKE_AUDIO = {
     "partition.method": "natural",
     "partition.sub_splits": 1,
 }
+SMOKE_TEXT = {
+    "data": {"dataset": "meld", "test_split": "official", "num_test": 300, "num_train": 600},
+    "generate": {"generator": "text-grammar", "batch_size": 56, "rows_per_shard": 56},
+    "model": {"name": "text_cnn"},
+    "partition.method": "dirichlet",
+}
+SMOKE = {"image": SMOKE_IMAGE, "audio": SMOKE_AUDIO, "text": SMOKE_TEXT}
 SMOKE_COMMON = {
     "partition.num_clients": 6,
     "partition.min_size": 1,
@@ -134,9 +141,7 @@ def load_sweep(
     if smoke:
         probe = validate_config(apply_overrides(base, [_kv(k, v) for k, v in dotted.items()]), str(base_path))
         modality = get_spec(probe.data, probe.data_dir).modality
-        dotted.update(
-            {**(SMOKE_IMAGE if modality == "image" else SMOKE_AUDIO), **SMOKE_COMMON, **sweep.smoke}
-        )
+        dotted.update({**SMOKE.get(modality, SMOKE_AUDIO), **SMOKE_COMMON, **sweep.smoke})
     raw_run = apply_overrides(base, [_kv(k, v) for k, v in dotted.items()] + list(overrides or []))
     run = validate_config(raw_run, f"{path} (base {sweep.base})")
     for key, values in sweep.grid.items():
@@ -277,6 +282,7 @@ def build_shared(points: list[dict[str, Any]], shared: Path) -> None:
         weights, metrics = pretrained[pkey]
         p["init_weights"] = str(weights)
         p["synthetic_only"] = metrics.get("real_test_accuracy")
+        p["synthetic_only_f1"] = {m: metrics.get(f"real_test_{m}") for m in ("weighted_f1", "macro_f1")}
 
 
 # ------------------------------------------------------------------------------------------ trainable
@@ -291,7 +297,8 @@ def fl_trial(config: dict[str, Any]) -> None:
     point = config["point"]
     out = Path(point["trial_dir"])
     if point.get("kind") == "synthetic_only":
-        tune.report({"accuracy": point.get("synthetic_only"), "round": 0, "done": True})
+        f1 = dict(point.get("synthetic_only_f1") or {})
+        tune.report({"accuracy": point.get("synthetic_only"), **f1, "round": 0, "done": True})
         return
     from gptfl_ray.fl.runner import run_federated
 
@@ -437,11 +444,13 @@ def sweep_results(
         "arms": {},
         "synthetic_only": {},  # {arm: {seed: {"real_test_accuracy": ...}}}: one pretraining per grid point
         "target_accuracy": run.fl.target_accuracy,
+        "target_metric": run.fl.target_metric,
     }
     for p in points:
         if p.get("synthetic_only") is not None:
             results["synthetic_only"].setdefault(p["arm"], {})[str(p["seed"])] = {
-                "real_test_accuracy": p["synthetic_only"]
+                "real_test_accuracy": p["synthetic_only"],
+                **{f"real_test_{m}": v for m, v in (p.get("synthetic_only_f1") or {}).items()},
             }
         if sweep_cfg.kind == "federated" and (Path(p["trial_dir"]) / "summary.json").is_file():
             results["arms"].setdefault(p["arm"], {})[str(p["seed"])] = {

@@ -19,25 +19,32 @@ def make_optimizer(params: Iterable[nn.Parameter], cfg: OptimizerConfig) -> torc
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> dict[str, Any]:
-    """Accuracy, mean cross-entropy and per-class accuracy of ``model`` on (x, y)."""
+    """Accuracy, weighted and macro F1, mean cross-entropy and per-class accuracy of ``model`` on (x, y)."""
+    from gptfl_ray.fl.metrics import f1_scores
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    num_classes = None
-    correct = torch.zeros(0)
-    total = torch.zeros(0)
+    confusion = None
     loss = 0.0
     for i in range(0, len(y), batch_size):
         xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
         out = model(xb)
-        if num_classes is None:
-            num_classes = out.shape[1]
-            correct, total = torch.zeros(num_classes), torch.zeros(num_classes)
+        c = out.shape[1]
+        if confusion is None:
+            confusion = torch.zeros(c * c, dtype=torch.int64)
         loss += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
-        hit = (out.argmax(1) == yb).float().cpu()
-        correct.index_add_(0, yb.cpu(), hit)
-        total.index_add_(0, yb.cpu(), torch.ones_like(hit))
+        confusion += torch.bincount((yb * c + out.argmax(1)).cpu(), minlength=c * c)
     model.train(was_training)
+    if confusion is None:
+        return {"accuracy": 0.0, "weighted_f1": 0.0, "macro_f1": 0.0, "loss": 0.0, "per_class_accuracy": []}
+    cm = confusion.view(c, c).double()
+    correct, total = cm.diagonal(), cm.sum(dim=1)
     n = max(int(total.sum()), 1)
     per_class = torch.where(total > 0, correct / total.clamp_min(1), torch.full_like(total, float("nan")))
-    return {"accuracy": float(correct.sum()) / n, "loss": loss / n, "per_class_accuracy": per_class.tolist()}
+    return {
+        "accuracy": float(correct.sum()) / n,
+        **f1_scores(cm.numpy()),
+        "loss": loss / n,
+        "per_class_accuracy": per_class.tolist(),
+    }

@@ -119,10 +119,16 @@ def check_generate(cfg: RunConfig) -> None:
 
 
 def check_expander_fits(cfg: RunConfig, modality: str) -> None:
-    """LLM expansion rewrites prompts for image and audio generators; a speech generator speaks the label."""
-    if modality == "speech" and cfg.prompts.expander.backend != "templates":
+    """LLM expansion rewrites prompts for image and audio generators; a speech generator speaks the label and a
+    text generator's prompt is its instruction (an expanded prompt would be an utterance, not an instruction)."""
+    if modality in ("speech", "text") and cfg.prompts.expander.backend != "templates":
+        what = (
+            "speak the label text itself"
+            if modality == "speech"
+            else "take the template as their instruction"
+        )
         raise ConfigError(
-            "prompts.expander.backend: speech generators speak the label text itself; LLM expansion "
+            f"prompts.expander.backend: {modality} generators {what}; LLM expansion "
             "applies to image and audio prompts (use backend: templates)"
         )
 

@@ -30,8 +30,10 @@ DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "e
 class ArrayDataset:
     """Raw samples in memory.
 
-    ``x`` is uint8 images (N, H, W) or (N, H, W, C), or float32 waveforms (N, T) at ``sample_rate``.
-    ``groups`` holds natural client ids (e.g. speaker index) where the dataset has them.
+    ``x`` is uint8 images (N, H, W) or (N, H, W, C), float32 waveforms (N, T) at ``sample_rate``, or texts
+    (a numpy object array of ``str``, modality "text"). ``groups`` holds natural client ids (e.g. speaker
+    index) where the dataset has them. ``text``: the ``data.text`` settings (``TextConfig``) its texts are
+    tokenized with (``features.to_tensors``); None = the defaults.
     """
 
     x: np.ndarray
@@ -41,6 +43,7 @@ class ArrayDataset:
     sample_rate: int | None = None
     groups: np.ndarray | None = None
     group_names: list[str] | None = None
+    text: Any = None  # TextConfig | None (text datasets)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -55,6 +58,7 @@ class ArrayDataset:
             sample_rate=self.sample_rate,
             groups=None if self.groups is None else self.groups[idx],
             group_names=self.group_names,
+            text=self.text,
         )
 
     def class_counts(self) -> np.ndarray:
@@ -76,7 +80,7 @@ class DatasetSpec:
     """Everything the package knows about one dataset."""
 
     name: str
-    modality: str  # "image" | "audio" ("" until read from the data)
+    modality: str  # "image" | "audio" | "text" ("" until read from the data)
     num_classes: int
     label_names: tuple[str, ...]  # () = read from the data (see registry.label_names)
     image_size: int | None = None  # side of the square image models see
@@ -94,6 +98,8 @@ class DatasetSpec:
     from_data: bool = False  # modality/labels/shape are read from the data (get_spec(data_cfg) fills them)
     options: tuple[str, ...] = ()  # the user-data fields of DataConfig it reads (image_size, group_regex, hf)
     check: Callable[[DataConfig], str | None] | None = field(default=None, compare=False, repr=False)
+    # The spec as ``data``'s settings make it (label names from data.label_column, ...), without reading data.
+    configured: Callable[[DataConfig], DatasetSpec] | None = field(default=None, compare=False, repr=False)
 
 
 # Modules under gptfl_ray/data/ that each register one dataset (or one kind of user data), in listing order.
@@ -108,6 +114,8 @@ DATASET_MODULES = (
     "imagefolder",
     "audiofolder",
     "hf",
+    "meld",
+    "textfile",
 )
 _REGISTRY: dict[str, DatasetSpec] = {}
 _RESOLVED: dict[str, DatasetSpec] = {}  # config hash -> spec filled in from the data (this process)
@@ -145,7 +153,7 @@ def dataset_error(name: str) -> str | None:
 def options_error(cfg: DataConfig) -> str | None:
     """Why ``cfg``'s user-data fields do not fit its dataset (None if they do)."""
     spec = lookup(cfg.dataset)
-    for key in ("image_size", "group_regex", "hf"):
+    for key in ("image_size", "group_regex", "hf", "text_column", "label_column", "group_column", "text"):
         if getattr(cfg, key) is not None and key not in spec.options:
             return f"data.{key} is not used by data.dataset {cfg.dataset!r}"
     return spec.check(cfg) if spec.check else None
@@ -171,6 +179,8 @@ def get_spec(data: DataConfig | str, data_dir: str | Path | None = None) -> Data
     if isinstance(data, str):
         return lookup(data)
     spec = lookup(data.dataset)
+    if spec.configured is not None:  # facts set by the config alone (e.g. MELD's label column), no data read
+        spec = spec.configured(data)
     if not spec.from_data:
         return spec
     from gptfl_ray.config import config_hash

@@ -1,4 +1,4 @@
-"""Turn raw samples into model inputs: normalised image tensors or log-mel spectrograms.
+"""Turn raw samples into model inputs: normalised image tensors, log-mel spectrograms or token ids.
 
 Real and synthetic data go through the same functions, so a model pretrained on synthetic data sees the
 same input distribution the clients' data produces.
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torchaudio.transforms as AT
 
-from gptfl_ray.config import AudioConfig, DataConfig
+from gptfl_ray.config import AudioConfig, DataConfig, TextConfig
 from gptfl_ray.data.base import ArrayDataset, get_spec
 
 
@@ -62,17 +62,31 @@ def audio_tensor(wav: np.ndarray, cfg: AudioConfig, batch: int = 512) -> torch.T
     return torch.cat(parts) if parts else torch.empty(0, *audio_input_shape(cfg))
 
 
+def text_tensor(texts: np.ndarray | list[str], text: TextConfig | None) -> torch.Tensor:
+    """Texts -> int64 token ids (N, text.max_length), -1 = padding (gptfl_ray/data/text.py)."""
+    from gptfl_ray.data.text import text_ids
+
+    return torch.from_numpy(text_ids(list(texts), text))
+
+
 def to_tensors(ds: ArrayDataset, dataset: str, audio: AudioConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Model inputs and int64 labels for a whole dataset."""
-    x = image_tensor(ds.x, dataset) if ds.modality == "image" else audio_tensor(ds.x, audio)
+    """Model inputs and int64 labels for a whole dataset (texts: with the ``data.text`` settings they carry)."""
+    if ds.modality == "text":
+        x = text_tensor(ds.x, ds.text)
+    else:
+        x = image_tensor(ds.x, dataset) if ds.modality == "image" else audio_tensor(ds.x, audio)
     return x, torch.from_numpy(np.asarray(ds.y, dtype=np.int64))
 
 
 def input_shape(
     dataset: str | DataConfig, audio: AudioConfig, data_dir: str | Path | None = None
-) -> tuple[int, int, int]:
-    """(C, H, W) models see; datasets read from the user's data need their ``DataConfig``."""
+) -> tuple[int, ...]:
+    """(C, H, W) models see, (max_length,) token ids for text; datasets read from the user's data need their
+    ``DataConfig``."""
     spec = get_spec(dataset, data_dir)
     if spec.modality == "audio":
         return audio_input_shape(audio)
+    if spec.modality == "text":
+        text = dataset.text if isinstance(dataset, DataConfig) else None
+        return ((text or TextConfig()).max_length,)
     return (spec.channels, spec.image_size, spec.image_size)

@@ -119,7 +119,7 @@ def image_array(items: Sequence[Any], names: Sequence[str], image_size: int | No
 
 def check_user_dataset(ds: ArrayDataset, where: str, cfg: DataConfig) -> ArrayDataset:
     """What ``module:function`` data must be: labels index ``label_names``; uint8 square images (resized to
-    ``data.image_size`` if set) or float32 clips at ``data.audio``'s rate and length."""
+    ``data.image_size`` if set), float32 clips at ``data.audio``'s rate and length, or a 1-D array of str."""
     if not isinstance(ds, ArrayDataset):
         raise InputError(f"{where}: expected an ArrayDataset, got {type(ds).__name__}")
     x, y = np.asarray(ds.x), np.asarray(ds.y)
@@ -153,8 +153,13 @@ def check_user_dataset(ds: ArrayDataset, where: str, cfg: DataConfig) -> ArrayDa
                 f"(got {x.shape} at {ds.sample_rate})"
             )
         ds.x = x.astype(np.float32, copy=False)
+    elif ds.modality == "text":
+        if x.ndim != 1 or not all(isinstance(t, str) for t in x):
+            raise InputError(f"{where}: texts must be a 1-D array of str (got {x.dtype} {x.shape})")
+        ds.x = x.astype(object, copy=False)
+        ds.text = cfg.text  # the tokenizer settings travel with the data (features.to_tensors)
     else:
-        raise InputError(f"{where}: modality must be 'image' or 'audio' (got {ds.modality!r})")
+        raise InputError(f"{where}: modality must be 'image', 'audio' or 'text' (got {ds.modality!r})")
     return ds
 
 

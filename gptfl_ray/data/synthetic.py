@@ -1,7 +1,8 @@
 """Read the synthetic Parquet shards written by ``gptfl generate``.
 
 ``load_synthetic`` returns exactly what a real dataset looks like before ``features.to_tensors`` (uint8
-images at the task size, float32 waveforms standardised like real clips); ``synthetic_ray_dataset`` streams
+images at the task size, float32 waveforms standardised like real clips, texts as a numpy object array of
+``str`` carrying the ``data.text`` settings); ``synthetic_ray_dataset`` streams
 model inputs (``x``), labels (``y``) and each sample's stable id (``row``, its prompt-table index) through the
 same feature functions, for Ray Train. ``row`` lets a consumer split and shuffle by a seeded hash of the id, so
 its result does not depend on the order in which Ray Data happens to produce blocks.
@@ -66,7 +67,7 @@ def row_ids(dir: str | Path, manifest: dict[str, Any] | None = None) -> np.ndarr
 def _check_task(dir: str | Path, manifest: dict[str, Any], data_cfg: DataConfig) -> str:
     """The sample column to read; errors if the data does not fit the task."""
     spec = get_spec(data_cfg)
-    kind = "image" if spec.modality == "image" else "audio"
+    kind = spec.modality if spec.modality in ("image", "text") else "audio"
     if manifest.get("kind", "image" if "image_size" in manifest else "audio") != kind:
         raise InputError(
             f"{dir}: holds {manifest.get('kind')} data but data.dataset {data_cfg.dataset!r} is {kind}"
@@ -141,6 +142,9 @@ def load_synthetic(dir: str | Path, data_cfg: DataConfig) -> ArrayDataset:
         spec = get_spec(data_cfg)
         x = decode_images(table["image"].to_pylist(), spec.image_size, spec.channels)
         return ArrayDataset(x=x, y=y, label_names=names, modality="image")
+    if kind == "text":
+        x = np.array(table["text"].to_pylist(), dtype=object)
+        return ArrayDataset(x=x, y=y, label_names=names, modality="text", text=data_cfg.text)
     x = standardize_waves(_audio_lists(table["audio"]), int(manifest["sample_rate"]), data_cfg)
     return ArrayDataset(
         x=x,
@@ -168,12 +172,15 @@ def _featurize(
     source_rate: int | None,
     classes: np.ndarray,
 ) -> dict[str, np.ndarray]:
-    """Ray Data batch function: stored samples -> ``x`` model inputs (same feature code as real data), ``y``,
-    ``row`` (the stable id)."""
-    from gptfl_ray.data.features import audio_tensor, image_tensor
+    """Ray Data batch function: stored samples -> ``x`` model inputs (same feature code as real data: float32
+    images or spectrograms, int64 token ids for text), ``y``, ``row`` (the stable id)."""
+    from gptfl_ray.data.features import audio_tensor, image_tensor, text_tensor
 
     rows = batch["row"].to_numpy().astype(np.int64)
     y = classes[batch["label"].to_numpy()]
+    if kind == "text":
+        ids = text_tensor(batch["text"].to_pylist(), data_cfg.text)
+        return {"x": ids.numpy().astype(np.int64, copy=False), "y": y, "row": rows}
     if kind == "image":
         spec = get_spec(data_cfg)
         raw = decode_images(batch["image"].to_pylist(), spec.image_size, spec.channels)
@@ -187,7 +194,8 @@ def _featurize(
 
 
 def synthetic_ray_dataset(dir: str | Path, data_cfg: DataConfig) -> Any:
-    """A lazy Ray Dataset with ``x`` (float32 model inputs), ``y`` (int64) and ``row`` (int64 stable id).
+    """A lazy Ray Dataset with ``x`` (model inputs: float32, or int64 token ids for text), ``y`` (int64) and
+    ``row`` (int64 stable id).
 
     Rows come in shard order when the dataset's DataContext preserves order
     (``execution_options.preserve_order``), else in whatever order Ray Data's tasks finish.

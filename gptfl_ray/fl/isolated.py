@@ -74,6 +74,8 @@ def run_isolated(
         rec = {
             "client": out.task.client,
             "accuracy": ev["accuracy"],
+            "weighted_f1": ev["weighted_f1"],
+            "macro_f1": ev["macro_f1"],
             "loss": ev["loss"],
             "num_samples": v["num_samples"],
             "train_loss": v["train_loss"],
@@ -89,6 +91,8 @@ def run_isolated(
         )
     return isolated_summary(
         [done[c]["accuracy"] for c in clients],
+        weighted_f1=[done[c].get("weighted_f1") for c in clients],
+        macro_f1=[done[c].get("macro_f1") for c in clients],
         mode="isolated",
         isolated_clients=clients,
         isolated_epochs=epochs,

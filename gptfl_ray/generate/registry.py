@@ -18,6 +18,8 @@ BUILTIN_MODULES = {
     "speecht5": "gptfl_ray.generate.speech_t5",
     "audioldm": "gptfl_ray.generate.audio_ldm",
     "remote": "gptfl_ray.generate.remote",
+    "text-grammar": "gptfl_ray.generate.text_grammar",
+    "text-llm": "gptfl_ray.generate.text_llm",
 }
 
 _REGISTRY: dict[str, type[Generator]] = {}

@@ -94,6 +94,11 @@ class RemoteGenerator(Generator):
 
     @classmethod
     def prompt_modality(cls, options, data_modality):
+        if data_modality == "text":  # text over HTTP is generator 'text-llm' (backend: openai)
+            raise ConfigError(
+                "generate.generator: 'remote' serves images and audio; for a text dataset use 'text-llm' "
+                "with options.backend: openai"
+            )
         return "image" if data_modality == "image" else options.audio_modality
 
     def __init__(self, cfg, target):

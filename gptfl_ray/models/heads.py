@@ -16,10 +16,13 @@ Used by Fed-ET (head averaging and transfer) and FedGen (a generator in feature 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from gptfl_ray.fl.flat import VectorLayout
+if TYPE_CHECKING:  # annotation only: importing gptfl_ray.fl here would be a cycle (its strategies import us)
+    from gptfl_ray.fl.flat import VectorLayout
 
 
 def classifier_head(model: nn.Module) -> tuple[str, nn.Linear]:

@@ -17,17 +17,27 @@ from torch import nn
 
 from gptfl_ray.errors import ConfigError, shorten
 from gptfl_ray.models.convnet import AudioCNN, ConvNet, MnistCNN
-from gptfl_ray.models.specs import WIDTH_MODELS, check_model_options, is_plugin
-from gptfl_ray.models.vision import VGG19, cifar_resnet
+from gptfl_ray.models.specs import HF_PREFIX, TEXT_MODELS, WIDTH_MODELS, check_model_options, is_hf, is_plugin
+from gptfl_ray.models.text import HFSequenceClassifier, TextCNN
+
+
+def _vision():
+    """torchvision's models load on first use: importing them imports torch._dynamo too, seconds of every
+    client actor's start-up that a run of the small CNNs never needs."""
+    from gptfl_ray.models import vision
+
+    return vision
+
 
 # One entry per specs.MODEL_NAMES; only the WIDTH_MODELS constructors take `width`.
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "convnet": lambda n, s, width=None: ConvNet(n, s, width=width or 128),
     "cnn": lambda n, s: MnistCNN(n, s),
     "audio_cnn": lambda n, s: AudioCNN(n, s),
-    "resnet18": lambda n, s: cifar_resnet(18, n, s),
-    "resnet50": lambda n, s: cifar_resnet(50, n, s),
-    "vgg19": lambda n, s: VGG19(n, s),
+    "resnet18": lambda n, s: _vision().cifar_resnet(18, n, s),
+    "resnet50": lambda n, s: _vision().cifar_resnet(50, n, s),
+    "vgg19": lambda n, s: _vision().VGG19(n, s),
+    "text_cnn": lambda n, s: TextCNN(n, s),
 }
 
 
@@ -74,10 +84,17 @@ def install_models(models: dict[str, Callable[..., nn.Module]] | None) -> None:
 def build_model(
     name: str, num_classes: int, input_shape: tuple[int, ...], width: int | None = None
 ) -> nn.Module:
-    """Build a freshly initialised model for ``input_shape`` = (C, H, W) inputs."""
+    """Build a freshly initialised model for ``input_shape`` = (C, H, W) inputs, or (L,) token ids of a text
+    dataset (``text_cnn``, ``hf:`` models, ``module:callable``)."""
     check_model_options(name, width)
-    if len(input_shape) != 3:
-        raise ValueError(f"model: input_shape must be (C, H, W), got {tuple(input_shape)}")
+    if len(input_shape) not in (1, 3):
+        raise ValueError(f"model: input_shape must be (C, H, W) or (L,), got {tuple(input_shape)}")
+    if is_hf(name):
+        return HFSequenceClassifier(name[len(HF_PREFIX) :], num_classes, tuple(input_shape))
+    if len(input_shape) != 3 and name not in TEXT_MODELS and not is_plugin(name):
+        raise ValueError(
+            f"model: {name} takes images or spectrograms (C, H, W), not token ids {tuple(input_shape)}"
+        )
     if is_plugin(name):
         fn = model_callable(name)
         try:

@@ -19,16 +19,19 @@ if TYPE_CHECKING:
     from gptfl_ray.config import PromptsConfig
 
 # Per modality: the official GPT-FL prompts ("a photo of ..." for images, the bare word for TTS speech,
-# "a sound of ..." for AudioLDM), plus a domain variant used when ``prompts.domain`` is set.
+# "a sound of ..." for AudioLDM), plus a domain variant used when ``prompts.domain`` is set. Text prompts are
+# the instruction a text generator's LLM gets (``text-llm``); ``text-grammar`` keeps them as provenance only.
 DEFAULT_TEMPLATES: dict[str, tuple[str, ...]] = {
     "image": ("a photo of a {label}",),
     "speech": ("{label}",),
     "audio": ("a sound of {label}",),
+    "text": ("Write one line of dialogue expressing {label}.",),
 }
 DOMAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
     "image": ("a {domain} of {label}",),  # official multi-domain: photo, drawing, painting, sketch, ...
     "speech": (),  # the TTS says the prompt verbatim: a domain word would change the spoken label
     "audio": ("{label} {domain}",),  # official multi-domain: "in a studio", "in the field", ...
+    "text": ("Write one line of {domain} dialogue expressing {label}.",),  # e.g. "TV-sitcom", "workplace"
 }
 MODALITIES = tuple(DEFAULT_TEMPLATES)
 
