@@ -43,10 +43,15 @@ def ray_init_kwargs() -> dict[str, Any]:
     return {} if verbose() else {"log_to_driver": False}
 
 
-def quiet_ray() -> None:
+def quiet_ray(data: bool = True) -> None:
     """After ``ray.init``: no Ray Data progress blocks or execution banners on the console (they stay in the
-    session's ray-data.log), Ray's INFO chatter off the console. No-op when verbose."""
+    session's ray-data.log), Ray's INFO chatter off the console. No-op when verbose. ``data=False``: the caller
+    uses no Ray Data, so it is not imported for its settings (a second of start-up) unless it already is."""
     if verbose():
+        return
+    for name in ("ray", "ray.train", "ray.tune", "ray.air"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if not data and "ray.data" not in sys.modules:
         return
     import ray.data
 
@@ -56,8 +61,6 @@ def quiet_ray() -> None:
     for handler in logging.getLogger("ray.data").handlers:  # the console one; its file handler keeps all
         if type(handler).__name__ != "SessionFileHandler":
             handler.setLevel(logging.ERROR)
-    for name in ("ray", "ray.train", "ray.tune", "ray.air"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def progress(label: str, done: int, total: int) -> dict[str, Any]:

@@ -7,11 +7,12 @@ from contextlib import contextmanager
 from typing import Any
 
 
-def ensure_ray(address: str | None = None, *, announce: bool = False) -> Any | None:
+def ensure_ray(address: str | None = None, *, announce: bool = False, data: bool = True) -> Any | None:
     """Initialise Ray unless it already is; returns the new context when this call started it, else None.
 
     Without ``-v`` (``gptfl_ray.console``) the workers' output and Ray's own progress logs stay in the session's
-    log files. ``announce``: print the dashboard URL when this call started Ray."""
+    log files. ``announce``: print the dashboard URL when this call started Ray. ``data=False``: the caller
+    runs no Ray Data (FL): its console settings are not loaded (see ``console.quiet_ray``)."""
     import ray
 
     from gptfl_ray.console import quiet_ray, ray_init_kwargs
@@ -19,7 +20,7 @@ def ensure_ray(address: str | None = None, *, announce: bool = False) -> Any | N
     if ray.is_initialized():
         return None
     ctx = ray.init(address=address, configure_logging=False, **ray_init_kwargs())
-    quiet_ray()
+    quiet_ray(data=data)
     if announce:
         url = getattr(ctx, "dashboard_url", None)
         print(f"Ray dashboard: http://{url}" if url else "Ray dashboard: not running", flush=True)

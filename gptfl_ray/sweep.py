@@ -314,6 +314,7 @@ def fl_trial(config: dict[str, Any]) -> None:
             resume=(out / "checkpoint").is_dir(),
             synthetic_dir=point.get("synthetic_dir"),
             on_round=lambda m: tune.report(_scalar_metrics({k: v for k, v in m.items() if k != "sampled"})),
+            on_round_overlaps=True,  # reporting to Tune need not hold the next round back
         )
     tune.report(final_report(summary))
 

@@ -363,6 +363,184 @@ def test_update_norm_bound_rejects_and_skips_round(small_data, tmp_path, ray_ses
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
 
 
+# ------------------------------------------------------------------------------------ overlap and queueing
+def tiny_cfg(**fl):
+    """tests/fl_runs.py's tiny MNIST run with 2 actors, 3 rounds, a checkpoint every round."""
+    from tests.fl_runs import tiny_config
+
+    return tiny_config({"name": "fedavg"}, fl={"num_actors": 2, "rounds": 3, **fl})
+
+
+def untimed(recs: list[dict]) -> list[dict]:
+    """Metrics records without their seconds (keys ending in ``_s``), which differ between any two runs."""
+    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in recs]
+
+
+@pytest.fixture(scope="module")
+def tiny_sequential(ray_session, data_dir, tmp_path_factory):
+    """The tiny run in the sequential order: a blocking on_round makes each evaluation a barrier."""
+    out = tmp_path_factory.mktemp("sequential")
+    run_federated(tiny_cfg(), seed=0, out_dir=out, on_round=lambda rec: None)
+    return out
+
+
+def make_timed_client(log_dir: Path):
+    """A client that logs each task's method, actor and start/end time; fl-client-1's first evaluation takes
+    2 s longer, so that what the other actor does meanwhile shows."""
+
+    class TimedClient(FLClient):
+        def _timed(self, method: str, *args):
+            import ray
+
+            actor = ray.get_runtime_context().get_actor_name()
+            start = time.time()
+            if method == "evaluate" and actor == "fl-client-1" and not getattr(self, "slowed", False):
+                self.slowed = True
+                time.sleep(2.0)
+            out = getattr(super(), method)(*args)
+            with open(log_dir / f"{actor}.jsonl", "a") as f:
+                f.write(
+                    json.dumps({"method": method, "actor": actor, "start": start, "end": time.time()}) + "\n"
+                )
+            return out
+
+        def train(self, *args):
+            return self._timed("train", *args)
+
+        def evaluate(self, *args):
+            return self._timed("evaluate", *args)
+
+    return TimedClient
+
+
+def test_evaluation_runs_alongside_next_round_with_identical_results(tiny_sequential, tmp_path):
+    """Round r's evaluation and round r+1's training share the actors (a training task starts while an
+    evaluation still runs on the other actor); weights and metrics are those of the sequential order."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    run_federated(tiny_cfg(), seed=0, out_dir=tmp_path / "run", client_cls=make_timed_client(logs))
+    tasks = [json.loads(line) for f in logs.iterdir() for line in f.read_text().splitlines()]
+    slow = max((t for t in tasks if t["method"] == "evaluate"), key=lambda t: t["end"] - t["start"])
+    assert slow["actor"] == "fl-client-1" and slow["end"] - slow["start"] >= 2.0
+    assert any(
+        t["method"] == "train" and t["actor"] != slow["actor"] and slow["start"] < t["start"] < slow["end"]
+        for t in tasks
+    )
+    assert_same_weights(tmp_path / "run", tiny_sequential)
+    recs = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["round"] for r in recs] == [1, 2, 3]
+    assert untimed(recs) == untimed(read_jsonl(tiny_sequential / "metrics.jsonl"))
+
+
+def make_eval_crash_client(arm_dir: Path):
+    """A client whose first evaluation after arming raises (a bug in an evaluation task aborts the run)."""
+
+    class EvalCrashClient(FLClient):
+        def evaluate(self, *args):
+            import os
+
+            try:
+                os.rename(arm_dir / "armed", arm_dir / "fired")
+            except FileNotFoundError:
+                return super().evaluate(*args)
+            raise RuntimeError("evaluation crash (test)")
+
+    return EvalCrashClient
+
+
+def test_checkpoint_waits_for_its_evaluation_and_resume_is_exact(tiny_sequential, tmp_path):
+    """Round 2 trains and aggregates, then its evaluation fails while round 3 trains: round 2's checkpoint is
+    never committed (a checkpoint always holds its round's evaluation), and the resumed run redoes round 2
+    and ends bit-identical to the sequential run."""
+    out, arm = tmp_path / "run", tmp_path / "arm"
+    arm.mkdir()
+    with pytest.raises(Exception, match="evaluation crash"):
+        run_federated(
+            tiny_cfg(),
+            seed=0,
+            out_dir=out,
+            client_cls=make_eval_crash_client(arm),
+            on_round=arm_after_round(arm, 1),
+            on_round_overlaps=True,
+        )
+    assert (arm / "fired").exists()
+    assert read_json(out / "checkpoint" / "latest.json")["round"] == 1
+    assert [r["round"] for r in read_jsonl(out / "metrics.jsonl")] == [1]
+    run_federated(tiny_cfg(), seed=0, out_dir=out, resume=True)
+    assert_same_weights(out, tiny_sequential)
+    assert untimed(read_jsonl(out / "metrics.jsonl")) == untimed(
+        read_jsonl(tiny_sequential / "metrics.jsonl")
+    )
+
+
+def make_sleeper():
+    """A bare pool actor (no model, nothing to import: defined here, it travels by value): ``work`` sleeps and
+    reports when it started; ``hang_once`` hangs on its first call anywhere (a marker file), then returns."""
+
+    class Sleeper:
+        def __init__(self, spec):
+            self.marker = spec
+
+        def info(self) -> dict:
+            import os
+
+            return {"pid": os.getpid(), "device": "cpu", "torch_threads": 1}
+
+        def work(self, seconds: float) -> float:
+            start = time.time()
+            time.sleep(seconds)
+            return start
+
+        def hang_once(self) -> float:
+            import os
+
+            start = time.time()
+            try:
+                os.mkdir(self.marker)
+            except FileExistsError:
+                return start
+            while True:
+                time.sleep(3600)
+
+    return Sleeper
+
+
+def test_pool_keeps_a_task_queued_per_actor_and_requeues_unstarted_work(ray_session, tmp_path):
+    """Each actor holds a second task behind its running one; run()'s tasks go ahead of submitted ones;
+    a hung actor's queued task never started, so it returns to the queue uncounted."""
+    from gptfl_ray.fl.pool import ClientPool, Task, TaskDeadlines
+
+    events: list[dict] = []
+    pool = ClientPool(
+        str(tmp_path / "hung"),
+        2,
+        num_cpus=0.5,
+        num_gpus=0,
+        namespace="test-queue",
+        max_replacements=1,
+        actor_cls=make_sleeper(),
+        on_event=events.append,
+        deadlines=TaskDeadlines(2.0),
+    )
+    try:
+        pool.wait_ready()
+        later = [Task(i, "work", (0.0,)) for i in range(4)]
+        pool.submit(later, retries=0)
+        first = [Task(i, "work", (0.5,)) for i in range(2)]
+        starts = {o.task.key: o.value for o in pool.run(first, retries=0)}
+        later_starts = [o.value for o in pool.run(later, retries=0)]
+        assert pool.peak_depth == 2 and len(later_starts) == 4
+        assert max(starts.values()) < min(later_starts)  # the submitted tasks waited behind run()'s
+        # slot 0: [hang_once, work 2 queued behind it], slot 1: [work 1]; the hang passes its deadline
+        tasks = [Task(0, "hang_once", ())] + [Task(i, "work", (0.0,)) for i in (1, 2, 3)]
+        outs = {o.task.key: o for o in pool.run(tasks, retries=1)}
+        assert sorted(outs) == [0, 1, 2, 3] and all(o.error is None for o in outs.values())
+        assert [t.dispatches for t in tasks] == [2, 1, 1, 1]
+        assert [e["event"] for e in events] == ["task_timeout"] and events[0]["client"] is None
+    finally:
+        pool.shutdown()
+
+
 # ------------------------------------------------------------------------------------ isolated control
 def test_isolated_control(small_data, tmp_path, ray_session):
     cfg = small_cfg(mode="isolated", isolated_clients=3, isolated_epochs=2, num_actors=1)

@@ -242,3 +242,12 @@ def test_dynafed_is_accepted_under_secure_aggregation_and_validates_its_params()
         check_fl_config(cfg(strategy={"name": "dynafed", "trajectory_length": 3}))
     with pytest.raises(ConfigError, match=r"fl\.strategy.*min_average \(2\) exceeds"):
         check_fl_config(cfg(strategy={"name": "dynafed", "trajectory_length": 3, "expert_epochs": 1}))
+
+
+def test_refused_for_text_inputs():
+    from gptfl_ray.config import ConfigError, validate_config
+    from gptfl_ray.fl.runner import check_fl_config
+
+    cfg = validate_config({"data": {"dataset": "meld"}, "fl": {"strategy": {"name": "dynafed"}}})
+    with pytest.raises(ConfigError, match="fl.strategy.name: 'dynafed' learns synthetic inputs by gradient"):
+        check_fl_config(cfg)

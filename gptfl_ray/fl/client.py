@@ -102,21 +102,26 @@ def local_train(
 def evaluate_sums(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, batch_size: int
 ) -> dict[str, Any]:
-    """Summed loss and per-class hit/sample counts, so evaluations of test-set slices add up exactly."""
+    """Summed loss, per-class hit/sample counts and the confusion matrix (rows: true class, columns: predicted),
+    so evaluations of test-set slices add up exactly (accuracy and F1: ``metrics.eval_metrics``)."""
     was_training = model.training
     model.eval()
     device = x.device
     loss = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros(num_classes, dtype=torch.int64, device=device)
-    count = torch.zeros(num_classes, dtype=torch.int64, device=device)
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     for i in range(0, len(y), batch_size):
         out = model(x[i : i + batch_size])
         yb = y[i : i + batch_size]
         loss += F.cross_entropy(out, yb, reduction="sum").double()
-        correct += torch.bincount(yb[out.argmax(1) == yb], minlength=num_classes)
-        count += torch.bincount(yb, minlength=num_classes)
+        confusion += torch.bincount(yb * num_classes + out.argmax(1), minlength=num_classes * num_classes)
     model.train(was_training)
-    return {"loss_sum": float(loss), "correct": correct.cpu().numpy(), "count": count.cpu().numpy()}
+    cm = confusion.view(num_classes, num_classes).cpu().numpy()
+    return {
+        "loss_sum": float(loss),
+        "correct": cm.diagonal().copy(),
+        "count": cm.sum(axis=1),
+        "confusion": cm,
+    }
 
 
 def task_seed(seed: int, rnd: int, cid: int, slot: int = 0) -> int:

@@ -1,11 +1,19 @@
 """A fixed pool of client actors with dynamic dispatch and fault handling.
 
-Tasks go to whichever actor is free (one task in flight per actor, so the round's tail stays short) and
-results are yielded as they complete. An actor that dies (``ray.kill``, node loss, OOM kill) or hangs (its
-task runs past its deadline, see :class:`TaskDeadlines`) is killed and replaced by a fresh one, and its task
-is re-dispatched up to ``retries`` times; after that the task is reported as failed and the caller decides
-(aggregate the survivors). Errors raised *by our code* inside a task are not retried: they propagate, so a
-bug never turns into silently missing updates. No wait here is without a deadline.
+Tasks wait in one queue and go to the actors as they free up; each actor keeps one more task queued behind
+the running one (Ray runs an actor's tasks in submission order), so it starts the next without waiting for
+the driver. The queue's last tasks (one fewer than there are actors) are held back for whichever actor frees
+first, so the round's tail stays short. Results are yielded as they complete. :meth:`ClientPool.submit`
+queues tasks without waiting for them (e.g. the next round's, while this round's weights are evaluated);
+:meth:`ClientPool.run` yields the outcomes of its tasks, submitting them first, ahead of the queue, when they
+were not submitted yet.
+
+An actor that dies (``ray.kill``, node loss, OOM kill) or hangs (its running task passes its deadline, see
+:class:`TaskDeadlines`) is killed and replaced by a fresh one; its running task is re-dispatched up to
+``retries`` times, after which it is reported as failed and the caller decides (aggregate the survivors).
+The task queued behind it never started: it goes back to the queue uncounted. Errors raised *by our code*
+inside a task are not retried: they propagate, so a bug never turns into silently missing updates. No wait
+here is without a deadline.
 
 Ray's own actor restarts (``max_restarts``) are not used because they retry a task on the same actor
 handle without telling the server; here every death is visible, logged and counted.
@@ -20,7 +28,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +42,7 @@ log = logging.getLogger(__name__)
 ACTOR_FAILURES = (RayActorError, ActorUnavailableError)
 START_TIMEOUT_S = 600.0  # an actor (first or replacement) must answer its first call within this
 PING_TIMEOUT_S = 60.0  # an idle actor answers a ping at once; one that does not is hung
+QUEUE_DEPTH = 2  # tasks in flight per actor: the running one and the one queued behind it
 
 
 class TaskTimeoutError(TimeoutError):
@@ -53,6 +62,7 @@ class Task:
     client: int | None = None  # virtual client id, for logs
     dispatches: int = 0
     cost: float = 1.0  # relative size of the task (e.g. the client's sample count): scales its deadline
+    batch: _Batch | None = field(default=None, repr=False, compare=False)  # set by ClientPool.submit
 
 
 @dataclass
@@ -98,11 +108,25 @@ class TaskDeadlines:
         return max(self.min_s, self.factor * statistics.median(rates) * cost)
 
 
+class _Batch:
+    """Tasks submitted together: their retry budget and the outcomes not yet handed to the caller."""
+
+    def __init__(self, size: int, retries: int):
+        self.retries = retries
+        self.open = size  # tasks without an outcome yet
+        self.outcomes: deque[Outcome] = deque()
+
+    def report(self, outcome: Outcome) -> None:
+        self.open -= 1
+        self.outcomes.append(outcome)
+
+
 @dataclass
 class _Running:
     slot: int
     task: Task
-    started: float  # time.monotonic() at dispatch
+    ref: ray.ObjectRef
+    started: float  # time.monotonic() at dispatch, or when the task ahead of it on its actor was seen done
 
 
 class ClientPool:
@@ -119,8 +143,11 @@ class ClientPool:
         on_event: Callable[[dict[str, Any]], None] | None = None,
         deadlines: TaskDeadlines | None = None,
         start_timeout_s: float = START_TIMEOUT_S,
+        depth: int = QUEUE_DEPTH,
     ):
         self.spec = spec
+        self.depth = depth
+        self.peak_depth = 0  # most tasks in flight on one actor so far
         self.namespace = namespace
         self.max_replacements = max_replacements
         self.replacements = 0
@@ -130,6 +157,8 @@ class ClientPool:
         self._remote_cls = ray.remote(actor_cls)
         self._options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_restarts": 0}
         self.actors = [self._start(slot, f"fl-client-{slot}") for slot in range(size)]
+        self._queue: deque[Task] = deque()
+        self._lanes: list[deque[_Running]] = [deque() for _ in range(size)]  # per actor, in its run order
 
     def _start(self, slot: int, name: str):
         # A resumed run reuses its namespace; the previous attempt's actors release their names
@@ -170,11 +199,10 @@ class ClientPool:
                     {"event": "actor_start_failed", "slot": slot, "actor": name, "error": type(err).__name__}
                 )
 
-    def _lost(
-        self, run: _Running, err: BaseException, retries: int, queue: deque[Task], idle: deque[int]
-    ) -> Outcome | None:
-        """A task whose actor died or hung: log it, replace the actor, re-queue the task or give it up."""
-        task = run.task
+    def _lost(self, run: _Running, err: BaseException) -> None:
+        """The running task of an actor that died or hung: log it, replace the actor, re-queue the task (and
+        those queued behind it, which never started) or give it up."""
+        task, lane = run.task, self._lanes[run.slot]
         event = {
             "event": "task_timeout" if isinstance(err, TaskTimeoutError) else "actor_died",
             "slot": run.slot,
@@ -186,53 +214,95 @@ class ClientPool:
         if isinstance(err, TaskTimeoutError):
             event["seconds"] = round(time.monotonic() - run.started, 3)
         self.on_event(event)
+        waiting = [r.task for r in lane]
+        lane.clear()
         self._replace(run.slot, err)
-        idle.append(run.slot)
-        if task.dispatches <= retries:
-            queue.appendleft(task)
-            return None
+        for t in reversed(waiting):  # never started on the lost actor: not a dispatch
+            t.dispatches -= 1
+            self._queue.appendleft(t)
+        if task.dispatches <= task.batch.retries:
+            self._queue.appendleft(task)
+            return
         what = "timed out" if isinstance(err, TaskTimeoutError) else "died"
-        return Outcome(task, error=f"actor {what} ({type(err).__name__})")
+        task.batch.report(Outcome(task, error=f"actor {what} ({type(err).__name__})"))
 
     def _deadline(self, run: _Running) -> float:
         return run.started + self.deadlines.seconds(run.task.method, run.task.cost)
 
+    def submit(self, tasks: list[Task], retries: int, *, front: bool = False) -> None:
+        """Queue ``tasks`` (each re-dispatched up to ``retries`` times after its actor is lost); ``front``: ahead
+        of the tasks already waiting. They start when a caller next waits on the pool (:meth:`run`)."""
+        batch = _Batch(len(tasks), retries)
+        for t in tasks:
+            t.batch = batch
+        if front:
+            self._queue.extendleft(reversed(tasks))
+        else:
+            self._queue.extend(tasks)
+
     def run(self, tasks: list[Task], retries: int) -> Iterator[Outcome]:
-        """Run ``tasks`` on the pool; yield each outcome as it completes (completion order)."""
-        queue = deque(tasks)
-        in_flight: dict[ray.ObjectRef, _Running] = {}
-        idle = deque(range(len(self.actors)))
-        while queue or in_flight:
-            while queue and idle:
-                slot, task = idle.popleft(), queue.popleft()
-                task.dispatches += 1
-                ref = getattr(self.actors[slot], task.method).remote(*task.args)
-                in_flight[ref] = _Running(slot, task, time.monotonic())
-            wait_s = min(self._deadline(r) for r in in_flight.values()) - time.monotonic()
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=max(0.0, wait_s))
-            for ref in ready:
-                run = in_flight.pop(ref)
-                try:
-                    value = ray.get(ref)
-                except ACTOR_FAILURES as err:
-                    outcome = self._lost(run, err, retries, queue, idle)
-                    if outcome is not None:
-                        yield outcome
-                    continue
-                self.deadlines.record(run.task.method, time.monotonic() - run.started, run.task.cost)
-                idle.append(run.slot)
-                yield Outcome(run.task, value, actor=self.actors[run.slot])
+        """Yield the outcome of each of ``tasks`` as it completes (completion order); tasks not submitted yet
+        are submitted first, ahead of the queue. Waiting here also runs every other queued task."""
+        if not tasks:
+            return
+        batch = tasks[0].batch
+        if batch is None:
+            self.submit(tasks, retries, front=True)
+            batch = tasks[0].batch
+        while batch.open or batch.outcomes:
+            if batch.outcomes:
+                yield batch.outcomes.popleft()
+            else:
+                self._step()
+
+    def _dispatch(self) -> None:
+        """Idle actors take the queue's first tasks; then each busy actor gets one queued behind its running
+        task while more tasks wait than there are other actors."""
+        others = len(self.actors) - 1
+        for depth in range(self.depth):
+            for slot, lane in enumerate(self._lanes):
+                if not self._queue:
+                    return
+                if len(lane) == depth and (depth == 0 or len(self._queue) > others):
+                    task = self._queue.popleft()
+                    task.dispatches += 1
+                    ref = getattr(self.actors[slot], task.method).remote(*task.args)
+                    lane.append(_Running(slot, task, ref, time.monotonic()))
+                    self.peak_depth = max(self.peak_depth, len(lane))
+
+    def _step(self) -> None:
+        """Dispatch, wait for the next running task to finish or pass its deadline, and settle it."""
+        self._dispatch()
+        heads = {lane[0].ref: lane[0] for lane in self._lanes if lane}
+        if not heads:
+            raise RuntimeError("client pool: waiting on tasks that are neither queued nor running")
+        wait_s = min(self._deadline(r) for r in heads.values()) - time.monotonic()
+        ready, _ = ray.wait(list(heads), num_returns=1, timeout=max(0.0, wait_s))
+        if ready:  # and any other that finished meanwhile
+            ready, _ = ray.wait(list(heads), num_returns=len(heads), timeout=0)
+        for ref in ready:
+            run = heads.pop(ref)
+            lane = self._lanes[run.slot]
+            lane.popleft()
+            try:
+                value = ray.get(ref)
+            except ACTOR_FAILURES as err:
+                self._lost(run, err)
+                continue
             now = time.monotonic()
-            overdue = [ref for ref, run in in_flight.items() if self._deadline(run) <= now]
-            if overdue:  # those that finished while the caller held us count as finished, not hung
-                _, overdue = ray.wait(overdue, num_returns=len(overdue), timeout=0)
-            for ref in overdue:
-                run = in_flight.pop(ref)
-                limit = self.deadlines.seconds(run.task.method, run.task.cost)
-                err = TaskTimeoutError(f"{run.task.method} ran past its {limit:.3g} s deadline")
-                outcome = self._lost(run, err, retries, queue, idle)
-                if outcome is not None:
-                    yield outcome
+            self.deadlines.record(run.task.method, now - run.started, run.task.cost)
+            if lane:  # the task queued behind it starts now
+                lane[0].started = max(lane[0].started, now)
+            run.task.batch.report(Outcome(run.task, value, actor=self.actors[run.slot]))
+        now = time.monotonic()
+        overdue = [ref for ref, run in heads.items() if self._deadline(run) <= now]
+        if overdue:  # those that finished while the caller held us count as finished, not hung
+            _, overdue = ray.wait(overdue, num_returns=len(overdue), timeout=0)
+        for ref in overdue:
+            run = heads[ref]
+            self._lanes[run.slot].popleft()
+            limit = self.deadlines.seconds(run.task.method, run.task.cost)
+            self._lost(run, TaskTimeoutError(f"{run.task.method} ran past its {limit:.3g} s deadline"))
 
     def replace_dead(self, timeout_s: float = PING_TIMEOUT_S) -> list[int]:
         """Ping every actor; replace those that died outside :meth:`run` (e.g. during secure aggregation)
@@ -290,4 +360,5 @@ class ClientPool:
     def shutdown(self) -> None:
         for a in self.actors:
             ray.kill(a, no_restart=True)
-        self.actors = []
+        self.actors, self._lanes = [], []
+        self._queue.clear()

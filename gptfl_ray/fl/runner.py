@@ -13,10 +13,12 @@ One run folder holds::
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ import ray
 import torch
 
 from gptfl_ray.config import ConfigError, RunConfig, dump_config
+from gptfl_ray.data.base import get_spec
 from gptfl_ray.errors import InputError, InputNotFoundError
 from gptfl_ray.fl.checkpoint import (
     Checkpoint,
@@ -86,11 +89,15 @@ def run_federated(
     on_round: Callable[[dict[str, Any]], None] | None = None,
     client_cls: type[FLClient] = FLClient,
     synthetic_dir: Path | None = None,
+    on_round_overlaps: bool = False,
 ) -> dict[str, Any]:
     """Run FL (or the client-isolated control when ``cfg.fl.mode == "isolated"``) into ``out_dir``.
 
-    ``on_round(record)`` is called after every evaluated round; ``resume`` continues from the last
-    checkpoint in ``out_dir`` (from scratch if there is none); ``synthetic_dir``: the generated data, for
+    A round's evaluation runs alongside the next round's training (the metrics stay the same, in round
+    order). ``on_round(record)`` is called after every evaluated round, before the next round starts, so it
+    may stop the run with no later work begun; that costs the overlap, unless ``on_round_overlaps`` lets it run
+    while the next round trains (progress reporting). ``resume`` continues from the last checkpoint in
+    ``out_dir`` (from scratch if there is none); ``synthetic_dir``: the generated data, for
     ``public_data.source: synthetic``. Returns the summary dict.
     """
     t_start = time.perf_counter()
@@ -139,6 +146,7 @@ def run_federated(
                 init_label=init_label,
                 t_start=t_start,
                 on_round=on_round,
+                on_round_overlaps=on_round_overlaps,
             )
         atomic_write_json(out_dir / "summary.json", summary)
         return summary
@@ -153,9 +161,20 @@ class LazyPool:
         self.cfg, self.data, self.out_dir, self.client_cls = cfg, data, out_dir, client_cls
         self.on_event = _event_log(out_dir / "events.jsonl")
         self.pool: ClientPool | None = None
+        self.ready = False
         self.started_ray = False
 
     def get(self) -> ClientPool:
+        """The pool, its actors ready (their model built)."""
+        if self.pool is None:
+            self.start()
+        if not self.ready:
+            self.pool.wait_ready()
+            self.ready = True
+        return self.pool
+
+    def start(self) -> ClientPool:
+        """The pool, its actors starting (in the background: the driver goes on with its own set-up)."""
         if self.pool is None:
             cfg, fl = self.cfg, self.cfg.fl
             self.started_ray = _ensure_ray(cfg)
@@ -186,13 +205,12 @@ class LazyPool:
                 on_event=self.on_event,
                 deadlines=TaskDeadlines(fl.task_timeout_s),
             )
-            self.pool.wait_ready()
         return self.pool
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown()
-            self.pool = None
+            self.pool, self.ready = None, False
         if self.started_ray:
             ray.shutdown()
             self.started_ray = False
@@ -211,9 +229,13 @@ def _run_rounds(
     init_label: str,
     t_start: float,
     on_round: Callable[[dict[str, Any]], None] | None,
+    on_round_overlaps: bool,
 ) -> dict[str, Any]:
     fl = cfg.fl
     ckpt_root, metrics_path = out_dir / "checkpoint", out_dir / "metrics.jsonl"
+    ckpt = load_checkpoint(ckpt_root) if resume else None
+    if (ckpt.round if ckpt is not None else 0) < fl.rounds:
+        workers.start()  # the actors start up (imports, model) while the driver sets up below
     layout, template = VectorLayout.of(model), model.state_dict()
     x = layout.to_vector(template)
     strategy.setup(
@@ -222,10 +244,9 @@ def _run_rounds(
         out_dir / "state",
         server_context(cfg, data, seed, layout),
     )
-    progress = Progress(fl.target_accuracy)
+    progress = Progress(fl.target_accuracy, fl.target_metric)
     records: list[dict[str, Any]] = []
     start = 0
-    ckpt = load_checkpoint(ckpt_root) if resume else None
     if ckpt is not None:
         x = layout.to_vector(ckpt.global_state)
         strategy.load_state_dict(ckpt.strategy_tensors, ckpt.state["strategy"])
@@ -236,22 +257,25 @@ def _run_rounds(
         log.info("resuming %s after round %d of %d", out_dir, start, fl.rounds)
 
     if start < fl.rounds:
-        server = FederatedServer(fl, data, strategy, workers.get(), seed=seed, on_event=workers.on_event)
+        # The data goes to the object store while the actors start; then wait for them.
+        server = FederatedServer(fl, data, strategy, workers.start(), seed=seed, on_event=workers.on_event)
+        workers.get()
         progress.elapsed_s += time.perf_counter() - t_start  # set-up: data, Ray, actors
-    for rnd in range(start + 1, fl.rounds + 1):
-        t0 = time.perf_counter()
-        x, rec = server.train_round(rnd, x)
+
+    def close(done: _Trained, end: float | None) -> None:
+        """Evaluate a trained round (when due), record it, commit its checkpoint (when due), call on_round."""
+        rec, rnd = done.rec, done.rnd
         if rnd % fl.eval_every == 0 or rnd == fl.rounds:
             t1 = time.perf_counter()
-            rec.update(server.evaluate(x))
+            rec.update(server.evaluate(done.x))
             rec["eval_s"] = time.perf_counter() - t1
-        rec["wall_time_s"] = time.perf_counter() - t0
+        rec["wall_time_s"] = (time.perf_counter() if end is None else end) - done.t0
         progress.add_round(rec)
         records.append(rec)
         append_jsonl(metrics_path, rec)
-        _log_round(rec, fl.rounds)
-        if (fl.checkpoint_every and rnd % fl.checkpoint_every == 0) or rnd == fl.rounds:
-            tensors, meta = strategy.state_dict()
+        _log_round(rec, fl.rounds, fl.target_metric)
+        if done.strategy_state is not None:
+            tensors, meta = done.strategy_state
             state = {
                 "seed": seed,
                 "progress": progress.state(),
@@ -261,16 +285,52 @@ def _run_rounds(
                 "rng": {"seed": seed, "next_round": rnd + 1},
             }
             save_checkpoint(
-                ckpt_root, Checkpoint(rnd, layout.to_state_dict(x, template), tensors, state, records)
+                ckpt_root, Checkpoint(rnd, layout.to_state_dict(done.x, template), tensors, state, records)
             )
             strategy.checkpoint_committed()
         if on_round is not None and rec.get("accuracy") is not None:
             on_round(rec)
 
+    # Round r's evaluation, record and checkpoint run while round r+1 trains: its tasks are queued first and
+    # the evaluation goes ahead of them on the actors. An on_round callback that does not allow the overlap
+    # runs before round r+1 starts instead.
+    overlap = on_round is None or on_round_overlaps
+    done: _Trained | None = None
+    for rnd in range(start + 1, fl.rounds + 1):
+        if done is not None and not overlap:
+            close(done, None)
+            done = None
+        t0 = time.perf_counter()
+        run = server.start_round(rnd, x)
+        if done is not None:
+            close(done, t0)
+        x, rec = server.finish_round(run)
+        due = (fl.checkpoint_every and rnd % fl.checkpoint_every == 0) or rnd == fl.rounds
+        done = _Trained(rnd, x, rec, t0, _snapshot(strategy) if due else None)
+    if done is not None:
+        close(done, None)
+
     save_weights(
         out_dir / "final.safetensors", layout.to_state_dict(x, template), metadata={"model": cfg.model.name}
     )
     return summarize(records, progress, strategy=fl.strategy.name, seed=seed, init=init_label)
+
+
+@dataclass
+class _Trained:
+    """A round trained and aggregated whose evaluation, record and checkpoint are still to come."""
+
+    rnd: int
+    x: torch.Tensor  # the global weights after the round
+    rec: dict[str, Any]
+    t0: float  # when the round started
+    strategy_state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None  # after the round, if checkpointed
+
+
+def _snapshot(strategy: Strategy) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The strategy's checkpoint state now (its tensors are copies), safe from the next round's changes."""
+    tensors, meta = strategy.state_dict()
+    return tensors, copy.deepcopy(meta)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -291,6 +351,11 @@ def check_fl_config(cfg: RunConfig) -> Strategy:
         raise ConfigError(
             f"fl.client_model: fl.strategy.name={name!r} trains the server's model on the clients (only "
             "strategies with heterogeneous models, e.g. fedet, take a client model)"
+        )
+    if cls.synthesizes_inputs and get_spec(cfg.data).modality == "text":
+        raise ConfigError(
+            f"fl.strategy.name: {name!r} learns synthetic inputs by gradient descent; a text dataset's inputs "
+            "are token ids (use another algorithm for text)"
         )
     if cfg.fl.secure_aggregation:
         from gptfl_ray.fl.secure import check_secure_config
@@ -336,10 +401,20 @@ def server_context(
     )
 
 
-def _log_round(rec: dict[str, Any], rounds: int) -> None:
-    from gptfl_ray.console import eta
+F1_SHORT = {"weighted_f1": "wF1", "macro_f1": "mF1"}
 
-    acc = f"acc {rec['accuracy']:.4f} loss {rec['loss']:.4f} | " if rec.get("accuracy") is not None else ""
+
+def _log_round(rec: dict[str, Any], rounds: int, metric: str = "accuracy") -> None:
+    from gptfl_ray.console import eta, progress
+
+    acc = ""
+    if rec.get("accuracy") is not None:
+        target = (
+            f"{F1_SHORT[metric]} {rec[metric]:.4f} "
+            if rec.get(metric) is not None and metric in F1_SHORT
+            else ""
+        )
+        acc = f"acc {rec['accuracy']:.4f} {target}loss {rec['loss']:.4f} | "
     log.info(
         "round %d/%d: %s%d updates, %d rejected, %d failed%s | %.2f s, %.1f MB total%s",
         rec["round"],
@@ -352,6 +427,7 @@ def _log_round(rec: dict[str, Any], rounds: int) -> None:
         rec["wall_time_s"],
         rec["cum_mb"],
         f", {eta(rec['round'], rounds, rec['elapsed_s'])}" if rec.get("elapsed_s") else "",
+        extra=progress("FL rounds", rec["round"], rounds),
     )
 
 
@@ -428,7 +504,7 @@ def _ensure_ray(cfg: RunConfig) -> bool:
     else:
         from gptfl_ray.ray_env import ensure_ray
 
-        started = ensure_ray(cfg.ray_address, announce=True) is not None
+        started = ensure_ray(cfg.ray_address, announce=True, data=False) is not None
     cpus = ray.cluster_resources().get("CPU", 0)
     want = cfg.fl.num_actors * cfg.fl.actor_num_cpus
     if want > cpus:

@@ -5,6 +5,10 @@ carry only references. Updates are validated when they arrive and folded into th
 *sampled* order (a small reorder buffer holds early finishers), so the aggregate is bit-identical however
 the actors interleave — which is what makes re-dispatch and resume exact.
 
+A round is queued (:meth:`FederatedServer.start_round`) before it is waited on (``finish_round``), so the
+round loop can evaluate the previous round's weights in between: the evaluation goes ahead of the queued
+training on the actors, and the training starts the moment an actor is done with it.
+
 How the round's results become the mean update is one replaceable object per round: :class:`PlainAggregation`
 (float32 updates, validated on the server) or ``gptfl_ray.fl.secure.SecureAggregation`` (SecAgg: the server
 learns only the sum), chosen by ``fl.secure_aggregation``.
@@ -164,6 +168,18 @@ class PlainAggregation:
         return None
 
 
+@dataclass
+class RoundTasks:
+    """A round whose training is queued on the pool (:meth:`FederatedServer.start_round`)."""
+
+    rnd: int
+    x: torch.Tensor  # the global weights the round started from
+    sampled: list[int]
+    agg: Any  # the round's aggregation (PlainAggregation or SecureAggregation)
+    tasks: list[Task]
+    down: list[int]  # values sent per dispatch of each task
+
+
 def aggregation_for(fl: FLConfig) -> type[PlainAggregation]:
     if fl.secure_aggregation:
         from gptfl_ray.fl.secure import SecureAggregation  # imports the SecAgg protocol (cryptography)
@@ -212,6 +228,11 @@ class FederatedServer:
     # ------------------------------------------------------------------------------------ training
     def train_round(self, rnd: int, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """One round of local training and aggregation; returns the new global vector and the round's record."""
+        return self.finish_round(self.start_round(rnd, x))
+
+    def start_round(self, rnd: int, x: torch.Tensor) -> RoundTasks:
+        """Sample round ``rnd``'s clients and queue their training from ``x`` on the pool (it starts when the
+        pool is next waited on: evaluation run meanwhile goes ahead of it)."""
         fl, strategy = self.fl, self.strategy
         sampled = sample_clients(
             self.num_clients,
@@ -250,6 +271,14 @@ class FederatedServer:
             )
             for i, cid in enumerate(sampled)
         ]
+        self.pool.submit(tasks, fl.client_retries)
+        return RoundTasks(rnd, x, sampled, agg, tasks, down)
+
+    def finish_round(self, run: RoundTasks) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Fold round ``run.rnd``'s results in as they arrive, aggregate and apply the strategy's server update;
+        returns the new global vector and the round's record."""
+        fl, strategy = self.fl, self.strategy
+        rnd, x, sampled, agg, tasks, down = run.rnd, run.x, run.sampled, run.agg, run.tasks, run.down
         rejected: list[int] = []
         lost: list[int] = []
         client_s = 0.0

@@ -116,6 +116,9 @@ class Strategy:
     heterogeneous_models: ClassVar[bool] = False
     # Whether clients upload their weight update (False: only ``upload_sizes()`` travel up).
     uploads_weights: ClassVar[bool] = True
+    # Whether the algorithm learns model inputs by gradient descent (DynaFed's distilled images): it needs
+    # continuous inputs (images, audio features), not token ids.
+    synthesizes_inputs: ClassVar[bool] = False
 
     def __init__(self, params: StrategyParams):
         self.params = params

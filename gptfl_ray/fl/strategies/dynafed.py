@@ -299,6 +299,7 @@ class DynaFed(FedAvg):
     """FedAvg; the server matches its own trajectory once, then fine-tunes every average on the result."""
 
     name = "dynafed"
+    synthesizes_inputs = True  # its pseudo data are inputs learned by gradient: not for text (token ids)
     Params = DynaFedParams
 
     params: DynaFedParams
