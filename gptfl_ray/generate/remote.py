@@ -43,6 +43,23 @@ KEY_FIELD = "generate.options.base_url"
 KEY_OPT_IN = "set generate.options.allow_insecure_http: true"
 
 
+def check_key_rule(value: str | None, info: ValidationInfo) -> str | None:
+    """``base_url`` validator of the generators' options: the API-key rule (:mod:`gptfl_ray.transport`) on the
+    driver, before any actor starts (the actor applies it again)."""
+    if value and value.startswith(("http://", "https://")):
+        try:
+            bearer_headers(
+                value,
+                info.data.get("api_key_env", "OPENAI_API_KEY"),
+                field=KEY_FIELD,
+                insecure=info.data.get("allow_insecure_http", False),
+                opt_in=KEY_OPT_IN,
+            )
+        except InsecureEndpointError as err:  # parse_options names the field itself
+            raise PydanticCustomError("insecure_url", str(err).removeprefix(f"{KEY_FIELD} ")) from None
+    return value
+
+
 class RemoteOptions(GeneratorOptions):
     api_key_env: str = "OPENAI_API_KEY"  # sent as a Bearer token when the variable is set
     # Allow sending that key over plain http:// to a host other than this machine.
@@ -60,19 +77,7 @@ class RemoteOptions(GeneratorOptions):
     @field_validator("base_url")
     @classmethod
     def _key_rule(cls, value: str | None, info: ValidationInfo) -> str | None:
-        """The key rule on the driver, before any actor starts (the actor applies it again)."""
-        if value and value.startswith(("http://", "https://")):
-            try:
-                bearer_headers(
-                    value,
-                    info.data.get("api_key_env", "OPENAI_API_KEY"),
-                    field=KEY_FIELD,
-                    insecure=info.data.get("allow_insecure_http", False),
-                    opt_in=KEY_OPT_IN,
-                )
-            except InsecureEndpointError as err:  # parse_options names the field itself
-                raise PydanticCustomError("insecure_url", str(err).removeprefix(f"{KEY_FIELD} ")) from None
-        return value
+        return check_key_rule(value, info)
 
 
 class RemoteError(RuntimeError):

@@ -26,8 +26,8 @@ from pydantic_core import PydanticCustomError
 from gptfl_ray.config import ConfigError, ExpanderConfig
 from gptfl_ray.errors import shorten
 from gptfl_ray.generate.registry import register
+from gptfl_ray.generate.remote import KEY_FIELD, check_key_rule
 from gptfl_ray.generate.text_common import TextGenerator, TextOptions
-from gptfl_ray.transport import InsecureEndpointError, bearer_headers
 
 DEFAULT_INSTRUCTION = "{prompt} Reply with the line only: no speaker name, no quotes, no explanation."
 DEFAULT_STYLES = (
@@ -38,8 +38,6 @@ DEFAULT_STYLES = (
     "Address the other person by their first name.",
     "Start with a filler word such as 'well', 'oh' or 'um'.",
 )
-KEY_FIELD = "generate.options.base_url"
-KEY_OPT_IN = "set generate.options.allow_insecure_http: true"
 
 
 class TextLLMOptions(TextOptions):
@@ -77,17 +75,7 @@ class TextLLMOptions(TextOptions):
             return value
         if not value.startswith(("http://", "https://")):
             raise PydanticCustomError("url", "must start with http:// or https://")
-        try:  # the key rule on the driver, before any actor starts (the backend applies it again)
-            bearer_headers(
-                value,
-                info.data.get("api_key_env", "OPENAI_API_KEY"),
-                field=KEY_FIELD,
-                insecure=info.data.get("allow_insecure_http", False),
-                opt_in=KEY_OPT_IN,
-            )
-        except InsecureEndpointError as err:
-            raise PydanticCustomError("insecure_url", str(err).removeprefix(f"{KEY_FIELD} ")) from None
-        return value
+        return check_key_rule(value, info)  # the remote generator's rule, same field
 
 
 @register
