@@ -190,6 +190,7 @@ def test_resume_after_deleting_one_shard_regenerates_only_it_bit_identically(ray
     before = shard_stats(out)
     (out / "manifest.json").unlink()
     (out / "shards" / "part-00002.parquet").unlink()
+    caplog.clear()  # the first run's lines too are captured when an earlier test left logging at INFO
     with caplog.at_level("INFO", logger="gptfl_ray.generate.pipeline"):
         assert generate(cfg, out, label_names=names) == manifest
     after = shard_stats(out)
