@@ -364,7 +364,9 @@ SHARD_INFO = pa.schema(
 class ShardMaker:
     """A generator actor that makes whole shards and writes them itself (``Dataset.map_batches`` class).
 
-    Per actor: the generator (model loaded once) and the prompt table. Per shard id received: the shard's
+    Per actor: the generator (model loaded once) and the prompt table, read from ``out_dir/prompts.parquet``
+    (like the shards, on storage every node sees; not an object-store argument, which Ray cannot restore for a
+    restarted actor once it is gone). Per shard id received: the shard's
     prompt rows are cut into batches of ``batch_size`` from the shard's first row (or handed over whole to a
     ``whole_shards`` generator), so a batch, and hence every sample, is a function of the prompt table and
     the config alone, the same in a resumed run; the shard is written by :class:`ShardWriter` into
@@ -376,16 +378,13 @@ class ShardMaker:
         gen_cls: type[Generator],
         cfg: GenerateConfig,
         target: Target,
-        prompts: Any,
         out_dir: str,
         rows_per_shard: int,
         metadata: dict[str, str],
     ):
-        import ray
-
         self.generator = gen_cls(cfg, target)
         self.whole_shards = bool(getattr(gen_cls, "whole_shards", False))
-        self.prompts: pa.Table = ray.get(prompts) if isinstance(prompts, ray.ObjectRef) else prompts
+        self.prompts: pa.Table = pq.read_table(Path(out_dir) / PROMPTS)
         self.batch_size = cfg.batch_size
         self.out_dir = Path(out_dir)
         self.rps = rows_per_shard
@@ -433,7 +432,11 @@ def shard_dataset(
     """
     import ray
 
-    prompts = ray.put(table)  # once; each actor fetches it when it starts
+    path = Path(out_dir) / PROMPTS
+    if not path.is_file():  # generate() keeps it there already; direct callers (the benchmark) get it written
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
     items = [{"shard": int(k)} for k in todo]
     return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
         ShardMaker,
@@ -441,7 +444,6 @@ def shard_dataset(
             "gen_cls": gen_cls,
             "cfg": g,
             "target": target,
-            "prompts": prompts,
             "out_dir": str(out_dir),
             "rows_per_shard": g.rows_per_shard,
             "metadata": metadata,
