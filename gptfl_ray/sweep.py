@@ -306,6 +306,12 @@ def fl_trial(config: dict[str, Any]) -> None:
     if (out / "summary.json").is_file():
         summary = read_json(out / "summary.json")
     else:
+        import torch
+
+        # The server half (aggregation, FedDF/Fed-ET distillation, DynaFed's matching) runs in this trainable
+        # while the trial's client actors wait; Ray gave the 0-CPU head bundle one torch thread: use the CPUs
+        # the trial holds.
+        torch.set_num_threads(max(1, int(cfg.fl.num_actors * cfg.fl.actor_num_cpus)))
         summary = run_federated(
             cfg,
             seed=point["seed"],
