@@ -408,6 +408,9 @@ def sweep(
 
     storage = str(sweep_dir / "tune")
     trainable = tune.with_resources(fl_trial, trial_resources(run))
+    # built (and the local MLflow file store allowed) in every invocation: a restored experiment brings its own
+    # pickled callbacks, which need the same environment to set up
+    callbacks = tracking_callbacks(run, sweep_dir, sweep_cfg.name)
     if resume and tune.Tuner.can_restore(f"{storage}/{sweep_cfg.name}"):
         log.info("restoring the Tune experiment in %s", storage)
         tuner = tune.Tuner.restore(f"{storage}/{sweep_cfg.name}", trainable, resume_errored=True)
@@ -426,7 +429,7 @@ def sweep(
                 name=sweep_cfg.name,
                 storage_path=storage,
                 failure_config=tune.FailureConfig(max_failures=sweep_cfg.max_failures),
-                callbacks=tracking_callbacks(run, sweep_dir, sweep_cfg.name),
+                callbacks=callbacks,
                 verbose=None if verbose() else 1,  # quiet: Tune's status table only, not every result
             ),
         )

@@ -304,7 +304,8 @@ def tracking_callbacks(cfg: Any, sweep_dir: Path, experiment: str) -> list[Any]:
             return runs[0].info.run_id
 
         def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
-            if trial in self._trial_runs:  # the metrics, not the trial's config Tune adds to every result
+            # _trial_runs exists only once setup succeeded (a failed setup turns tracking off)
+            if not self._off and trial in getattr(self, "_trial_runs", {}):  # not the config Tune adds
                 metrics = {k: v for k, v in result.items() if k != "config"}
                 # the FL round as the step: a resumed trial's Tune iteration count starts again at 1
                 step = int(result.get("round") or result.get("training_iteration") or 0)
@@ -316,7 +317,7 @@ def tracking_callbacks(cfg: Any, sweep_dir: Path, experiment: str) -> list[Any]:
                 )
 
         def log_trial_end(self, trial: Any, failed: bool = False) -> None:
-            if trial in self._trial_runs:
+            if not self._off and trial in getattr(self, "_trial_runs", {}):
                 self._safe("ending a trial", lambda: MLflowLoggerCallback.log_trial_end(self, trial, failed))
 
     return [QuietMLflowCallback(tracking_uri=uri, experiment_name=experiment, tags={"gptfl.kind": "sweep"})]

@@ -169,6 +169,20 @@ def test_sweep_mlflow_callback_logs_flat_params_and_results(tmp_path):
     ]
 
 
+def test_sweep_mlflow_callback_whose_setup_failed_stays_off(tmp_path, monkeypatch):
+    """A restored sweep's pickled callback set up without the file store allowed: tracking goes off with a
+    warning, and results keep flowing (it used to raise AttributeError and end the sweep)."""
+    cfg = load_config(SMOKE)
+    (callback,) = tracking_callbacks(cfg, tmp_path, "sweep-y")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    callback.setup()
+    trial = _Trial({"arm": "fedavg", "seed": 0}, tmp_path)
+    callback.log_trial_start(trial)
+    callback.log_trial_result(1, trial, {"accuracy": 0.1, "round": 1})
+    callback.log_trial_end(trial)
+    assert callback._off
+
+
 class _Trial:
     """The parts of a Tune Trial the MLflow callback reads."""
 
