@@ -44,6 +44,7 @@ from torch import nn
 
 from gptfl_ray.config import RunConfig, config_hash
 from gptfl_ray.data.base import get_spec
+from gptfl_ray.data.plugin import install_datasets, plugin_datasets
 from gptfl_ray.errors import InputError
 from gptfl_ray.io import atomic_write_json, read_json, save_weights
 from gptfl_ray.models import build_model
@@ -197,6 +198,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     torch.set_flush_denormal(True)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     torch.manual_seed(seed)  # the same init on every worker (DDP also broadcasts rank 0's)
+    install_datasets(config.get("datasets"))  # `module:function` datasets, resolved on the driver
     cfg = RunConfig.model_validate(config["run_cfg"])
     pcfg = cfg.pretrain
     install_models(config.get("models"))  # `module:callable` models, resolved on the driver
@@ -391,6 +393,7 @@ def fit(
         "flip": get_spec(cfg.data, cfg.data_dir).hflip,
         "val_rows": val_rows,
         "models": plugin_models([cfg.model.name]),
+        "datasets": plugin_datasets([cfg.data.dataset]),
         "init_weights": str(Path(cfg.model.weights).resolve()) if cfg.model.weights else None,
     }
     trainer = TorchTrainer(

@@ -1,13 +1,16 @@
 """``data.dataset: module:function``: the user's code returns the data: an ``ArrayDataset`` (a test set is held
 out) or ``Splits`` (gptfl_ray/data/base.py). The function is called with the ``DataConfig`` if it takes an
-argument, else with none. The module must be importable (on ``PYTHONPATH``) wherever the run's steps execute."""
+argument, else with none. As with ``module:callable`` models, a module from outside this package is pickled by
+value and the resolved function travels to the Ray workers that validate the run's config
+(``plugin_datasets`` -> ``install_datasets``), so it need not be importable there."""
 
 from __future__ import annotations
 
 import importlib
 import inspect
 import re
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +21,14 @@ from gptfl_ray.errors import ConfigError, InputError
 
 NAME = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
+# Resolved `module:function` datasets of this process (the driver's imports, or what a worker was sent).
+_PLUGINS: dict[str, Callable[..., Any]] = {}
+
 
 def _resolve(name: str) -> Callable[..., Any] | str:
     """The function, or why it cannot be had."""
+    if name in _PLUGINS:
+        return _PLUGINS[name]
     if not NAME.match(name):
         return f"{name!r} is not module:function"
     mod_name, fn_name = name.split(":")
@@ -31,7 +39,23 @@ def _resolve(name: str) -> Callable[..., Any] | str:
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         return f"module {mod_name!r} has no function {fn_name!r}"
+    if not mod_name.startswith("gptfl_ray."):
+        from ray import cloudpickle
+
+        cloudpickle.register_pickle_by_value(sys.modules[mod_name])
+    _PLUGINS[name] = fn
     return fn
+
+
+def plugin_datasets(names: Iterable[str]) -> dict[str, Callable[..., Any]]:
+    """The resolved functions of the ``module:function`` names among ``names``, to send to Ray workers."""
+    resolved = {n: _resolve(n) for n in names if ":" in n}
+    return {n: fn for n, fn in resolved.items() if not isinstance(fn, str)}
+
+
+def install_datasets(datasets: dict[str, Callable[..., Any]] | None) -> None:
+    """On a worker: make ``data.dataset`` names resolve to the functions the driver resolved."""
+    _PLUGINS.update(datasets or {})
 
 
 def plugin_error(name: str) -> str | None:

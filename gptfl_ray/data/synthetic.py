@@ -171,9 +171,11 @@ def _featurize(
     kind: str,
     source_rate: int | None,
     classes: np.ndarray,
+    image_shape: tuple[int, int] | None,
 ) -> dict[str, np.ndarray]:
     """Ray Data batch function: stored samples -> ``x`` model inputs (same feature code as real data: float32
-    images or spectrograms, int64 token ids for text), ``y``, ``row`` (the stable id)."""
+    images or spectrograms, int64 token ids for text), ``y``, ``row`` (the stable id). ``image_shape`` (size,
+    channels) comes from the driver: the workers never read the user's dataset to learn it."""
     from gptfl_ray.data.features import audio_tensor, image_tensor, text_tensor
 
     rows = batch["row"].to_numpy().astype(np.int64)
@@ -182,8 +184,8 @@ def _featurize(
         ids = text_tensor(batch["text"].to_pylist(), data_cfg.text)
         return {"x": ids.numpy().astype(np.int64, copy=False), "y": y, "row": rows}
     if kind == "image":
-        spec = get_spec(data_cfg)
-        raw = decode_images(batch["image"].to_pylist(), spec.image_size, spec.channels)
+        assert image_shape is not None
+        raw = decode_images(batch["image"].to_pylist(), *image_shape)
         x = image_tensor(raw, data_cfg.dataset)
     else:
         assert source_rate is not None
@@ -206,6 +208,8 @@ def synthetic_ray_dataset(dir: str | Path, data_cfg: DataConfig) -> Any:
     kind = _check_task(dir, manifest, data_cfg)
     files = [str(f) for f in shard_files(dir, manifest)]
     rate = int(manifest["sample_rate"]) if kind == "audio" else None
+    spec = get_spec(data_cfg)
+    image_shape = (spec.image_size, spec.channels) if kind == "image" else None
     return (
         ray.data.read_parquet(files)
         .select_columns([kind, "label", "row"])
@@ -216,6 +220,7 @@ def synthetic_ray_dataset(dir: str | Path, data_cfg: DataConfig) -> Any:
                 "kind": kind,
                 "source_rate": rate,
                 "classes": class_index(manifest, data_cfg),
+                "image_shape": image_shape,
             },
             batch_format="pyarrow",
             batch_size=256,
