@@ -450,9 +450,11 @@ def shard_dataset(
         },
         batch_size=1,  # one shard per call
         batch_format="numpy",
-        # One shard in flight per actor: a shard is a long task with a tiny input, so queueing a second one
-        # behind it gains nothing and could leave it waiting while another actor idles at the end.
-        compute=ray.data.ActorPoolStrategy(size=g.concurrency, max_tasks_in_flight_per_actor=1),
+        # Two shards in flight per actor: the next shard id is already queued when one ends, so an actor never
+        # waits for the driver's scheduling loop between shards (measured on glyphs, 2 actors, 2 cores: 1.73×
+        # vs 1.62× the plain loop, steady rate). The cost: at the very end a queued shard may wait behind a
+        # running one while another actor has finished (at most one shard's time).
+        compute=ray.data.ActorPoolStrategy(size=g.concurrency, max_tasks_in_flight_per_actor=2),
         num_cpus=g.num_cpus,
         num_gpus=g.num_gpus or None,
     )
