@@ -11,9 +11,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from gptfl_ray.config import ConfigError, load_config
+from gptfl_ray.config import ConfigError, load_config, validate_config
 from gptfl_ray.sweep import grid_points, load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,7 +141,12 @@ def test_isolated_trial_reports_its_accuracy_to_tune(tmp_path, ray_session):
 
 # The CIFAR baseline sweeps have baselines-mnist's arms and, in smoke mode, the same substitute data and models:
 # running them too would repeat its trials (test_tune_configs_validate checks their smoke grids).
-SMOKE_RUNS = [p for p in TUNE_CONFIGS if p.name not in ("baselines-cifar10.yaml", "baselines-cifar100.yaml")]
+# baselines-flowers102 runs on a tiny Flowers102 layout of its own (test below).
+SMOKE_RUNS = [
+    p
+    for p in TUNE_CONFIGS
+    if p.name not in ("baselines-cifar10.yaml", "baselines-cifar100.yaml", "baselines-flowers102.yaml")
+]
 
 
 @pytest.mark.slow
@@ -159,6 +165,73 @@ def test_tune_config_runs_in_smoke_mode(path, tmp_path, ray_session, data_dir, t
     else:
         assert 0 <= summary["synthetic_only_mean"] <= 1
     assert (tmp_path / "sweep" / "report.md").is_file()
+
+
+def write_tiny_flowers102(data_dir: Path) -> None:
+    """torchvision's Flowers102 layout with 102 classes × 2 train, 1 val and 1 test image (small random JPEGs of
+    two sizes: the loader resizes and centre-crops them)."""
+    from PIL import Image
+    from scipy.io import savemat
+
+    base = data_dir / "flowers102" / "flowers-102"
+    (base / "jpg").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    n = 102 * 4
+    labels = np.repeat(np.arange(1, 103), 4)  # 1-based, as the released file
+    for i in range(1, n + 1):
+        size = (48, 40) if i % 2 else (40, 56)
+        pixels = (rng.random((size[1], size[0], 3)) * 100 + 1.5 * labels[i - 1]).astype(np.uint8)
+        Image.fromarray(pixels).save(base / "jpg" / f"image_{i:05d}.jpg")
+    savemat(base / "imagelabels.mat", {"labels": labels})
+    ids = np.arange(1, n + 1)
+    savemat(
+        base / "setid.mat",
+        {"trnid": ids[0::4], "valid": ids[1::4], "tstid": np.concatenate([ids[2::4], ids[3::4]])},
+    )
+
+
+def test_flowers102_reads_torchvision_layout_at_the_configured_size(tmp_path):
+    from gptfl_ray.data import load_dataset
+    from gptfl_ray.data.base import get_spec
+    from gptfl_ray.errors import UserError
+
+    write_tiny_flowers102(tmp_path)
+    cfg = validate_config(
+        {"data": {"dataset": "flowers102", "test_split": "official", "image_size": 32}}
+    ).data
+    splits = load_dataset(cfg, tmp_path)
+    assert splits.train.x.shape == (204, 32, 32, 3) and splits.test.x.shape == (204, 32, 32, 3)
+    assert splits.train.y[:3].tolist() == [0, 1, 2]  # train ids 1, 5, 9: labels 1, 2, 3 in the 1-based file
+    assert splits.test.class_counts().tolist() == [2] * 102
+    assert get_spec(cfg).image_size == 32 and get_spec("flowers102").image_size == 224
+    (tmp_path / "flowers102" / "flowers-102" / "jpg" / "image_00003.jpg").unlink()
+    with pytest.raises(UserError, match="flowers102 missing under") as err:
+        load_dataset(cfg, tmp_path)
+    assert "\n" not in str(err.value) and "image_00003.jpg" in str(err.value)
+
+
+@pytest.mark.slow
+def test_baselines_flowers102_runs_in_smoke_mode_on_a_tiny_layout(tmp_path, ray_session):
+    """GPT-FL, FedAvg, FedGen and DynaFed on Flowers102-shaped data (102 classes, RGB, resized to 32×32),
+    2 rounds each: the ConvNet arms. The VGG19 arms take ~8 more minutes on 2 cores (DynaFed unrolls VGG19:
+    6.5 min alone), so the suite leaves them to `gptfl sweep tune_configs/baselines-flowers102.yaml --smoke`."""
+    from gptfl_ray.sweep import sweep
+
+    data_dir = tmp_path / "data"
+    write_tiny_flowers102(data_dir)
+    sweep_cfg, run = load_sweep(
+        REPO / "tune_configs" / "baselines-flowers102.yaml", [f"data_dir={data_dir}"], smoke=True
+    )
+    convnet = [a for a in sweep_cfg.arms if a.name.endswith("-convnet")]
+    assert len(convnet) == 4 and len(sweep_cfg.arms) == 8
+    sweep_cfg = sweep_cfg.model_copy(update={"arms": convnet})
+    out = sweep(sweep_cfg, run, tmp_path / "sweep", shared_dir=tmp_path / "shared")
+    assert out["errors"] == []
+    summary = json.loads((tmp_path / "sweep" / "summary.json").read_text())
+    assert {r["arm"] for r in summary["rows"]} == {
+        f"{m}-convnet" for m in ("gptfl", "fedavg", "fedgen", "dynafed")
+    }
+    assert all(0 <= r["final_accuracy_mean"] <= 1 for r in summary["rows"])
 
 
 @pytest.mark.slow

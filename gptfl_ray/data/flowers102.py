@@ -1,8 +1,9 @@
 """Oxford Flowers-102 (torchvision's files under the dataset root): train+val pooled, official test split;
-resized and centre-cropped to 224x224 RGB."""
+resized and centre-cropped to 224x224 RGB (the paper's resolution), or to ``data.image_size``."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from gptfl_ray.config import DataConfig
@@ -12,7 +13,11 @@ from gptfl_ray.data.base import DatasetSpec, Splits, register
 def load(cfg: DataConfig, root: Path) -> Splits:
     from gptfl_ray.data.vision import load_flowers102
 
-    return load_flowers102(root, SPEC.image_size or 224)
+    return load_flowers102(root, cfg.image_size or 224)
+
+
+def configured(cfg: DataConfig) -> DatasetSpec:
+    return replace(SPEC, image_size=cfg.image_size) if cfg.image_size else SPEC
 
 
 SPEC = register(
@@ -29,5 +34,7 @@ SPEC = register(
         hflip=True,
         test_split="official test split (train and val pooled for training)",
         loader=load,
+        options=("image_size",),
+        configured=configured,
     )
 )

@@ -32,25 +32,36 @@ def load_cifar(name: str, root: Path) -> Splits:
 
 
 def load_flowers102(root: Path, image_size: int = 224) -> Splits:
-    from torchvision import datasets, transforms
+    """Flowers102 in torchvision's layout (``root/flowers-102/``: ``jpg/image_NNNNN.jpg``, ``imagelabels.mat``,
+    ``setid.mat``), train and val pooled, official test split; each image resized (shorter side) and
+    centre-cropped to ``image_size``. Read here rather than by torchvision's class, which refuses any copy whose
+    .mat files differ in md5 from the ones it downloads (a re-saved mirror, a test's tiny layout)."""
+    from PIL import Image, UnidentifiedImageError
+    from scipy.io import loadmat
+    from torchvision import transforms
 
-    tf = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size)])
+    base = Path(root) / "flowers-102"
     try:
-        parts = {
-            s: datasets.Flowers102(str(root), split=s, transform=tf, download=False)
-            for s in ("train", "val", "test")
-        }
-    except RuntimeError as err:
+        labels = np.asarray(loadmat(base / "imagelabels.mat", squeeze_me=True)["labels"], np.int64) - 1
+        ids = loadmat(base / "setid.mat", squeeze_me=True)
+        train_ids, val_ids, test_ids = (
+            np.atleast_1d(ids[k]).astype(np.int64) for k in ("trnid", "valid", "tstid")
+        )
+    except (OSError, KeyError, ValueError) as err:
         raise _missing("flowers102", root, err) from None
+    tf = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size)])
+    names = [f"flower {i}" for i in range(102)]
 
-    def to_arrays(ds) -> ArrayDataset:
-        xs = np.stack([np.asarray(ds[i][0].convert("RGB")) for i in range(len(ds))])
-        ys = np.asarray(ds._labels, dtype=np.int64)
-        return ArrayDataset(x=xs, y=ys, label_names=[f"flower {i}" for i in range(102)], modality="image")
+    def part(image_ids: np.ndarray) -> ArrayDataset:
+        xs = []
+        for i in image_ids:
+            path = base / "jpg" / f"image_{i:05d}.jpg"
+            try:
+                with Image.open(path) as im:
+                    xs.append(np.asarray(tf(im.convert("RGB"))))
+            except (OSError, UnidentifiedImageError) as err:
+                raise _missing("flowers102", root, err) from None
+        x = np.stack(xs) if xs else np.zeros((0, image_size, image_size, 3), np.uint8)
+        return ArrayDataset(x=x, y=labels[image_ids - 1], label_names=names, modality="image")
 
-    train = to_arrays(parts["train"])
-    val = to_arrays(parts["val"])
-    merged = ArrayDataset(
-        np.concatenate([train.x, val.x]), np.concatenate([train.y, val.y]), train.label_names, "image"
-    )
-    return Splits(train=merged, test=to_arrays(parts["test"]))
+    return Splits(train=part(np.concatenate([train_ids, val_ids])), test=part(test_ids))
