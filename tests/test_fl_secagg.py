@@ -1,4 +1,6 @@
-"""FL with ``fl.secure_aggregation: true``: fixed-point codec, config rules, and real MNIST runs on Ray actors.
+"""FL with ``fl.secure_aggregation: true``: fixed-point codec, config rules, real MNIST runs on Ray actors (one
+plain-vs-secure equivalence run, the failure paths, resume), and each strategy's server update on the secure mean
+versus the plain one, in-process (no Ray).
 
 The Ray tests watch the server side from the driver: every client task result, every masked vector the
 SecAgg server receives, and every secure sum. A test client class additionally records, inside its actor,
@@ -8,9 +10,11 @@ secure sum is exactly the sum of the included clients' plaintexts.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,10 +22,12 @@ import torch
 
 from gptfl_ray.config import ConfigError, FLConfig, validate_config
 from gptfl_ray.fl import secure
-from gptfl_ray.fl.client import FLClient
+from gptfl_ray.fl.client import ClientSpec, FLClient, task_seed
+from gptfl_ray.fl.flat import VectorLayout
 from gptfl_ray.fl.pool import ClientPool
-from gptfl_ray.fl.runner import check_fl_config, prepare_federated_data, run_federated
+from gptfl_ray.fl.runner import check_fl_config, prepare_federated_data, run_federated, server_context
 from gptfl_ray.fl.secure import SecureFLClient, UpdateCodec, secure_client_class
+from gptfl_ray.fl.server import RoundSum, aggregation_for, sample_clients
 from gptfl_ray.io import load_weights, read_jsonl, save_weights
 from gptfl_ray.labels.ring import Ring
 from gptfl_ray.labels.secagg import SecAggServer, secure_sum_local
@@ -244,7 +250,10 @@ def small_data(data_dir):
 
 
 def test_secure_fedavg_matches_plain_on_mnist(ray_session, data_dir, tmp_path, monkeypatch):
-    """Acceptance: 20 Dirichlet(0.5) clients of 3,000 real MNIST images, 10 per round, 3 rounds, seed 0.
+    """Acceptance, the one Ray end-to-end equivalence run: plain and secure FedAvg from the same seed learn the
+    same model (accuracy, loss, weights), the server never holds a plaintext (masked vectors only; each secure
+    sum is exactly the included plaintexts' ring sum), and the protocol traffic is counted in the bytes.
+    20 Dirichlet(0.5) clients of 3,000 real MNIST images, 10 per round, 3 rounds, seed 0.
 
     Measured (seed 0): accuracy 0.383 / 0.394 / 0.586 on 1,000 held-out images in *both* arms (identical),
     train loss equal to 1e-7 relative, max |weight difference| after 3 rounds 3e-8 (float32 summation order
@@ -298,8 +307,9 @@ def test_secure_fedavg_matches_plain_on_mnist(ray_session, data_dir, tmp_path, m
 
 def test_actor_death_after_key_sharing_is_recovered(ray_session, small_data, tmp_path, monkeypatch):
     """The actor hosting participant 0 dies at the masked-input stage of round 1: the survivors' sum is
-    applied (threshold 20 %, opted in below a majority: at least 2 of 10 must survive), the dead actor is replaced,
-    round 2 runs with every client."""
+    applied (threshold 20 %, opted in below a majority: at least 2 of 10 must survive) and is exactly their
+    plaintexts' ring sum, the dropout and the death are logged, the dead actor is replaced, and round 2 runs
+    with every client (2 rounds: the fewest that show the replacement serving)."""
     dump = tmp_path / "dump"
     dump.mkdir()
     spy = ServerSpy(monkeypatch)
@@ -326,7 +336,9 @@ def test_actor_death_after_key_sharing_is_recovered(ray_session, small_data, tmp
 
 
 def test_dropout_below_threshold_skips_round(ray_session, small_data, tmp_path):
-    """Threshold 100 %: losing one actor after key sharing aborts SecAgg; the round is skipped, no sum."""
+    """Threshold 100 %: losing one of two actors after key sharing (survivors left, but fewer than the
+    threshold) aborts SecAgg; the round is skipped with its reason logged, no sum is applied (the weights stay
+    the initial ones). One round."""
     init = tmp_path / "init.safetensors"
     torch.manual_seed(1)
     save_weights(init, build_model("cnn", 10, (1, 28, 28)).state_dict())
@@ -351,9 +363,12 @@ def test_dropout_below_threshold_skips_round(ray_session, small_data, tmp_path):
 
 
 def test_client_side_norm_clipping_and_nan_withholding(ray_session, small_data, tmp_path):
-    """max_update_norm: clients clip (the server cannot see norms); a NaN client withholds its update."""
-    data = prepare_federated_data(small_cfg(), seed=0)
-    data.clients[3] = (torch.full_like(data.clients[3][0], float("nan")), data.clients[3][1])
+    """max_update_norm: clients clip (the server cannot see norms), so the applied step is a mean of vectors of
+    norm 0.5; a client with NaN data withholds its update (one ``update_rejected`` event, 9 participants). One
+    round, one actor, the shared small_data with client 3's inputs replaced by NaN in a copy."""
+    clients = list(small_data.clients)  # small_data itself stays clean for the other tests
+    clients[3] = (torch.full_like(clients[3][0], float("nan")), clients[3][1])
+    data = dataclasses.replace(small_data, clients=clients)
     init = tmp_path / "init.safetensors"
     torch.manual_seed(1)
     save_weights(init, build_model("cnn", 10, (1, 28, 28)).state_dict())
@@ -395,7 +410,90 @@ def test_secure_resume_equals_uninterrupted(ray_session, small_data, tmp_path):
     assert [r["accuracy"] for r in ra] == [r["accuracy"] for r in rb] and len(rb) == 4
 
 
-@pytest.mark.slow
+# ------------------------------------------------------------------------------------------ strategies (no Ray)
+@pytest.fixture(scope="module")
+def round_one(small_data):
+    """Round 1 of ``run_federated(small_cfg(), seed=0)``, trained once, in-process: the run's initial weights and
+    the results of its 5 sampled clients, each from real local training on its MNIST shard with the run's task
+    seed (FedAvg's client half, what every server-side strategy below receives). Read-only."""
+    cfg = small_cfg()
+    torch.manual_seed(0)  # run_federated's initial model
+    model = build_model(cfg.model.name, small_data.num_classes, small_data.input_shape)
+    layout = VectorLayout.of(model)
+    x = layout.to_vector(model.state_dict())
+    spec = ClientSpec(
+        model=cfg.model.name,
+        num_classes=small_data.num_classes,
+        input_shape=small_data.input_shape,
+        width=None,
+        local=cfg.fl.local,
+        strategy=cfg.fl.strategy,
+    )
+    sampled = sample_clients(small_data.num_clients, 5, seed=0, rnd=1, with_replacement=False)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        client = FLClient(spec)  # sets one torch thread, as in an actor
+        for slot, cid in enumerate(sampled):
+            shard = (small_data.clients[cid][0].numpy(), small_data.clients[cid][1].numpy())
+            value = client.train(x.numpy(), shard, None, None, task_seed(0, 1, cid, slot))
+            value["delta"].flags.writeable = False
+            results.append((slot, cid, value))
+    finally:
+        torch.set_num_threads(threads)
+    return layout, x, sampled, results
+
+
+class HeldEncodings:
+    """What a client actor holds after ``train_secure``: its participants' encodings of this round."""
+
+    def __init__(self) -> None:
+        self.held: dict[tuple[int, int], np.ndarray] = {}
+
+    def secagg_vector(self, cid: int, round_id: int) -> np.ndarray | None:
+        return self.held.pop((round_id, cid), None)
+
+
+def in_process_secure_sum(
+    hosts, round_id, vector_len, threshold, *, ring, session, timeout_s, allow_minority
+):
+    """``secure.secure_sum`` without Ray: the same protocol (keys, Shamir shares, masking, unmasking) run
+    in-process over the encodings the hosts hold for this round."""
+    vectors = {p: host.secagg_vector(p, round_id) for p, host in sorted(hosts.items())}
+    assert all(v.shape == (vector_len,) for v in vectors.values())
+    return secure_sum_local(
+        vectors, threshold, ring, session=session, round_id=round_id, allow_minority=allow_minority
+    )
+
+
+def server_update_in_process(cfg, data, round_one, state_dir: Path) -> tuple[torch.Tensor, RoundSum]:
+    """The server half of round 1 as ``FederatedServer.start_round``/``finish_round`` run it, without Ray: the
+    strategy set up as ``run_federated`` does, the round's aggregation (``aggregation_for``: plain or secure)
+    receiving the fixed client results -- as float32 updates, or encoded with the round's codec the way
+    ``train_secure`` encodes them -- then ``finish`` and the strategy's server update of the mean."""
+    layout, x, sampled, results = round_one
+    strategy = check_fl_config(cfg)
+    strategy.setup(layout, data.num_clients, state_dir, server_context(cfg, data, 0, layout))
+    server = SimpleNamespace(fl=cfg.fl, strategy=strategy, sizes=data.client_sizes(), on_event=None)
+    strategy.begin_round(1)
+    start = strategy.client_weights(x)
+    assert torch.equal(start, x) and not strategy.broadcast()  # what the fixed clients trained from
+    agg = aggregation_for(cfg.fl)(server, 1, sampled, start.numel(), start)
+    host = HeldEncodings()
+    for slot, cid, value in results:
+        if cfg.fl.secure_aggregation:
+            n = value["num_samples"]
+            weight = strategy.aggregation_weight(n)
+            host.held[(1, slot)] = agg.codec.encode(value["delta"], weight, n, value["train_loss"])
+            value = {"rejected": None, "seconds": value["seconds"]}
+        assert agg.receive(slot, cid, value, host) is None
+    total = agg.finish()
+    assert total.skip_reason is None and total.count == len(sampled) == 5
+    new = strategy.server_update(x, total.mean)
+    strategy.end_round(True)
+    return new, total
+
+
 @pytest.mark.parametrize(
     "strategy",
     [
@@ -408,22 +506,26 @@ def test_secure_resume_equals_uninterrupted(ray_session, small_data, tmp_path):
     ],
     ids=lambda s: s["name"] + ("-unweighted" if s.get("weighted") is False else ""),
 )
-def test_strategy_server_update_on_secure_mean(ray_session, small_data, tmp_path, strategy):
-    """One round from the same init and seeds: the clients' updates are identical in both arms, so the
-    weights differ only by how the mean was formed (float32 sum vs exact ring sum + fixed point).
+def test_strategy_server_update_on_secure_mean(small_data, round_one, tmp_path, monkeypatch, strategy):
+    """The same 5 client updates (real local training on MNIST shards) aggregated by the plain path (float32
+    fold) and by the secure path (fixed-point encodings, the real SecAgg protocol in-process, decode), then the
+    strategy's server update applied to each mean: the weights differ only by how the mean was formed.
 
-    Measured (seed 0): max |difference| 7e-9 to 3e-8 for all six, while the round moved the weights by
+    Both paths are the server's own: ``aggregation_for`` picks PlainAggregation or SecureAggregation, whose
+    ``finish`` (InOrderFold / ``secure_sum`` + ``UpdateCodec.decode``) gives the mean that the strategy's
+    ``server_update`` applies, as in ``FederatedServer.finish_round``; only the SecAgg transport is in-process.
+
+    Measured (seed 0): max |difference| 1.5e-8 to 3e-8 for all six, while the round moved the weights by
     1e-3 (FedAdagrad) to 7e-2 (FedAvg); asserted: below 1e-6."""
-    plain = small_cfg(strategy=strategy, rounds=1, secure_aggregation=False, num_actors=1)
-    sec = small_cfg(strategy=strategy, rounds=1, num_actors=1)
-    run_federated(plain, seed=0, out_dir=tmp_path / "plain", data=small_data)
-    run_federated(sec, seed=0, out_dir=tmp_path / "secure", data=small_data)
-    a, b = (
-        load_weights(tmp_path / "plain" / "final.safetensors"),
-        load_weights(tmp_path / "secure" / "final.safetensors"),
-    )
-    torch.manual_seed(0)  # the runs' initial model
-    init = build_model("cnn", 10, (1, 28, 28))
-    moved = max(float((a[k] - init.state_dict()[k]).abs().max()) for k in a)
-    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    monkeypatch.setattr(secure, "secure_sum", in_process_secure_sum)
+    plain = small_cfg(strategy=strategy, rounds=1, secure_aggregation=False)
+    sec = small_cfg(strategy=strategy, rounds=1)
+    a, plain_sum = server_update_in_process(plain, small_data, round_one, tmp_path / "plain")
+    b, secure_sum = server_update_in_process(sec, small_data, round_one, tmp_path / "secure")
+    info = secure_sum.record["secagg"]
+    assert info["included"] == 5 and info["max_quant_error"] < 1e-7 and info["clipped_fraction"] == 0
+    assert secure_sum.grad_diversity is None and plain_sum.grad_diversity is not None
+    x0 = round_one[1]
+    moved = float((a - x0).abs().max())
+    diff = float((a - b).abs().max())
     assert diff < 1e-6 < moved, (diff, moved)
