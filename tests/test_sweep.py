@@ -1,4 +1,5 @@
-"""Sweep configs validate; every tune config runs in --smoke mode; an interrupted sweep resumes."""
+"""Sweep configs: every grid point validates (and its data, where this machine has it); three tune configs,
+baselines-flowers102's ConvNet arms and a synthetic-public-data arm run in --smoke mode; an interrupted sweep resumes."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gptfl_ray.config import ConfigError, load_config, validate_config
+from gptfl_ray.config import ConfigError, RunConfig, load_config, validate_config
 from gptfl_ray.sweep import grid_points, load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,10 +35,22 @@ def test_run_configs_validate(path):
 
 @pytest.mark.parametrize("path", TUNE_CONFIGS, ids=lambda p: p.name)
 def test_tune_configs_validate(path):
+    """Every grid point of the full and the smoke grid passes what its trial checks before doing any work, with
+    no data read: grid_points builds each point's RunConfig (arm, grid values, seed) and runs validate_run on it for
+    the steps its trial runs (labels, generator and its options, prompt table; the model and any fl.client_model
+    built for the dataset's input shape and class count on the meta device; the FL strategy and its parameters,
+    public data, secure aggregation). The trial's own copy of the config and its resources build too."""
+    from gptfl_ray.sweep import flat_params, trial_resources
+
     for smoke in (False, True):
         sweep, run = load_sweep(path, smoke=smoke)
         points = grid_points(sweep, run)
         assert points and len({(p["arm"], p["seed"]) for p in points}) == len(points)
+        for p in points:  # fl_trial rebuilds its config from the point: the same config
+            assert RunConfig.model_validate(p["run"]).model_dump(mode="json") == p["run"]
+            assert flat_params(sweep, p)["seed"] == p["seed"]  # the trial's Tune params
+        resources = trial_resources(run).required_resources  # the trial's placement group: its actors' CPUs
+        assert resources["CPU"] == pytest.approx(run.fl.num_actors * run.fl.actor_num_cpus)
     assert len(points) <= max(2, len(sweep.arms))  # smoke grids stay tiny: one point per arm at most
 
 
@@ -116,19 +129,32 @@ def test_synthetic_only_report_keeps_every_grid_point(tmp_path):
     assert "| synthetic only (no FL): init=pretrained,scale=2 | 21.00 ± 0.82 |" in report
 
 
-def test_isolated_trial_reports_its_accuracy_to_tune(tmp_path, ray_session):
+def test_isolated_trial_reports_its_accuracy_to_tune_and_the_report(tmp_path, ray_session):
+    """isolated.yaml's smoke point: a finished client-isolated trial (as run_isolated leaves it; the training
+    itself: test_fl_runtime.py::test_isolated_control) reports its clients' mean accuracy to Tune, and the sweep's
+    report has it as the grid point's row."""
     from ray import tune
 
     from gptfl_ray.fl.metrics import isolated_summary
-    from gptfl_ray.io import atomic_write_json
-    from gptfl_ray.sweep import fl_trial
+    from gptfl_ray.io import append_jsonl, atomic_write_json
+    from gptfl_ray.report import write_report
+    from gptfl_ray.sweep import fl_trial, sweep_results
 
-    trial = tmp_path / "trial"  # a finished client-isolated trial: fl_trial reports its summary
-    trial.mkdir()
+    sweep_cfg, run = load_sweep(REPO / "tune_configs" / "isolated.yaml", smoke=True)
+    (point,) = grid_points(sweep_cfg, run)
+    assert point["run"]["fl"]["mode"] == "isolated" and point["init"] == "pretrained"
+    sweep_dir = tmp_path / "sweep"
+    trial = sweep_dir / "trials" / "isolated-seed0"
+    trial.mkdir(parents=True)
+    for client, acc in ((4, 0.5), (1, 0.8)):
+        append_jsonl(
+            trial / "metrics.jsonl", {"client": client, "accuracy": acc, "num_samples": 90, "epochs": 5}
+        )
     atomic_write_json(
-        trial / "summary.json", isolated_summary([0.5, 0.8], mode="isolated", strategy="isolated")
+        trial / "summary.json",
+        isolated_summary([0.5, 0.8], mode="isolated", strategy="isolated", isolated_clients=[4, 1]),
     )
-    point = {"kind": "federated", "trial_dir": str(trial), "run": {}, "seed": 0}
+    point.update(kind=sweep_cfg.kind, trial_dir=str(trial))
     tuner = tune.Tuner(
         fl_trial,
         param_space={"point": point},
@@ -137,16 +163,81 @@ def test_isolated_trial_reports_its_accuracy_to_tune(tmp_path, ray_session):
     (result,) = tuner.fit()
     assert result.error is None
     assert result.metrics["accuracy"] == pytest.approx(0.65)
+    write_report(sweep_dir, sweep_results(sweep_cfg, run, [point], sweep_dir))
+    (row,) = json.loads((sweep_dir / "summary.json").read_text())["rows"]
+    assert row["arm"] == point["arm"] == "init=pretrained,alpha=0.1,epochs=5"
+    assert row["final_accuracy_mean"] == pytest.approx(0.65)
+    assert f"| {point['arm']} | 65.00 |" in (sweep_dir / "report.md").read_text()
 
 
-# The CIFAR baseline sweeps have baselines-mnist's arms and, in smoke mode, the same substitute data and models:
-# running them too would repeat its trials (test_tune_configs_validate checks their smoke grids).
-# baselines-flowers102 runs on a tiny Flowers102 layout of its own (test below).
+# Three tune configs run in --smoke (every one of them: ~7 min). --smoke swaps in tiny offline data per
+# modality (sweep.py SMOKE_IMAGE: MNIST, glyphs, ConvNet; SMOKE_AUDIO: FSDD, espeak, audio CNN), 6 clients, 3 per
+# round, 2 rounds and one value per grid key, so most smoke sweeps repeat one of these trials:
+# - quickstart: images, federated, both inits (test_interrupted_sweep_resumes_without_rerunning reuses its inputs);
+# - speech-commands: audio (espeak generation, audio CNN, speakers as clients, eval_every 10 > rounds);
+# - synthetic-only: the only other sweep kind (pretraining alone, fl_trial's no-FL branch, the synthetic-only
+#   summary). Its smoke inputs are quickstart's (the same synthetic set and pretraining): seconds.
+# Every other config's grid points are validated above, their client partitions drawn below, and what their smoke
+# runs did beyond a run config's is checked by test_smoke_points_not_run_repeat_a_run_one.
 SMOKE_RUNS = [
-    p
-    for p in TUNE_CONFIGS
-    if p.name not in ("baselines-cifar10.yaml", "baselines-cifar100.yaml", "baselines-flowers102.yaml")
+    REPO / "tune_configs" / n for n in ("quickstart.yaml", "speech-commands.yaml", "synthetic-only.yaml")
 ]
+# The run config each other (arm-less) config's smoke points repeat, and where each field they differ in is covered.
+REPEATS = {
+    "cifar10.yaml": "quickstart.yaml",
+    "cifar100.yaml": "quickstart.yaml",
+    "flowers102.yaml": "quickstart.yaml",
+    "client-sampling.yaml": "quickstart.yaml",  # its 1 client per round: 3 in --smoke too
+    "isolated.yaml": "quickstart.yaml",
+    "synthetic-scale.yaml": "quickstart.yaml",
+    "zero-shot.yaml": "synthetic-only.yaml",
+    "esc50.yaml": "speech-commands.yaml",
+}
+COVERED = {
+    "fl.eval_every": "speech-commands' smoke run evaluates every 10th of its 2 rounds too",
+    "fl.target_accuracy": "rounds to target: test_fl_runtime.py, test_metrics_f1.py",
+    "partition.alpha": "test_tune_config_grid_points_pass_the_data_checks draws the partition",
+    # the smoke prompts' num_per_class wins over scale (test_prompts.py::test_num_per_class_wins_over_scale): the
+    # same generation under another key; scale × the real class counts: test_generate_pipeline.py's glyph test
+    "prompts.scale": "test_prompts.py, test_generate_pipeline.py",
+    "fl.mode": "test_isolated_trial_reports_its_accuracy_to_tune_and_the_report, test_fl_runtime.py",
+    "fl.local.epochs": "isolated's local epochs: test_fl_runtime.py::test_isolated_control trains 2",
+}
+# The baseline sweeps (arms) run test_baselines_flowers102_runs_in_smoke_mode_on_a_tiny_layout (GPT-FL, FedAvg,
+# FedGen, DynaFed) and test_synthetic_public_data_arm_runs_in_a_sweep; every other arm's strategy runs on Ray with
+# public data in its own test (test_strategy_feddf.py, _dsfl, _fedet; FedProx and SCAFFOLD: test_fl_runtime.py,
+# test_fl_secagg.py).
+
+
+def _flat(node: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and key != "strategy":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def test_smoke_points_not_run_repeat_a_run_one():
+    """Each smoke point of a config not run in --smoke differs from the run config's point of the same init only in
+    fields whose code paths other tests cover (COVERED)."""
+
+    def smoke_points(name):
+        sweep_cfg, run = load_sweep(REPO / "tune_configs" / name, smoke=True)
+        return sweep_cfg.kind, {p["init"]: _flat(p["run"]) for p in grid_points(sweep_cfg, run)}
+
+    run_names = {p.name for p in SMOKE_RUNS}
+    assert set(REPEATS) == {p.name for p in TUNE_CONFIGS if not p.name.startswith("baselines-")} - run_names
+    for name, ran in REPEATS.items():
+        kind, points = smoke_points(name)
+        ran_kind, ran_points = smoke_points(ran)
+        assert kind == ran_kind and set(points) <= set(ran_points), name
+        for init, flat in points.items():
+            other = ran_points[init]
+            differ = {k for k in flat.keys() | other.keys() if flat.get(k) != other.get(k)}
+            differ.discard("name")
+            assert differ <= set(COVERED), (name, init, sorted(differ - set(COVERED)))
 
 
 @pytest.mark.slow
@@ -165,6 +256,31 @@ def test_tune_config_runs_in_smoke_mode(path, tmp_path, ray_session, data_dir, t
     else:
         assert 0 <= summary["synthetic_only_mean"] <= 1
     assert (tmp_path / "sweep" / "report.md").is_file()
+
+
+# The data checks `gptfl sweep` makes before starting (validate.check_points_data: each dataset loaded, each
+# seed's client partition and public hold-out drawn), for every grid whose data this machine has: every smoke grid
+# (baselines-flowers102's on the tiny layout below), and the full grids on MNIST (quickstart, baselines-mnist).
+# Not checked, for want of the data: the full grids on CIFAR-10/100, Flowers102, ESC-50 and Speech Commands (their
+# files, partitions, public hold-outs and prompts.scale class counts); their configs are checked above.
+# The audio smoke grid decodes FSDD (~1 min, cached for the session): slow, and after the speech-commands run.
+@pytest.mark.slow
+@pytest.mark.parametrize("path", TUNE_CONFIGS, ids=lambda p: p.name)
+def test_tune_config_grid_points_pass_the_data_checks(path, data_dir, tmp_path):
+    from gptfl_ray.validate import check_points_data
+
+    overrides = []
+    if path.name == "baselines-flowers102.yaml":
+        write_tiny_flowers102(tmp_path)
+        overrides = [f"data_dir={tmp_path}"]
+    for smoke in (True, False):
+        sweep_cfg, run = load_sweep(path, overrides if smoke else [], smoke=smoke)
+        points = grid_points(sweep_cfg, run)
+        datasets = {p["run"]["data"]["dataset"] for p in points}
+        here = all((Path(run.data_dir or data_dir) / d).is_dir() for d in datasets)
+        assert here or not smoke, f"smoke data {datasets} not found"
+        if here:
+            check_points_data(points)
 
 
 def write_tiny_flowers102(data_dir: Path) -> None:
@@ -235,6 +351,32 @@ def test_baselines_flowers102_runs_in_smoke_mode_on_a_tiny_layout(tmp_path, ray_
 
 
 @pytest.mark.slow
+def test_synthetic_public_data_arm_runs_in_a_sweep(tmp_path, ray_session, data_dir, tmp_path_factory):
+    """baselines-mnist's FedDF arm with the synthetic set as its public data (public_data.source: synthetic): the
+    sweep hands the trial the very synthetic set the GPT-FL arm pretrains on, and the trial runs on it. Its other
+    arms differ only in the strategy, which runs with public data in its own test (see REPEATS above)."""
+    from gptfl_ray.run import synthetic_key
+    from gptfl_ray.sweep import sweep
+
+    shared = tmp_path_factory.getbasetemp() / "sweep-shared"  # the smoke runs' synthetic set: reused
+    sweep_cfg, run = load_sweep(REPO / "tune_configs" / "baselines-mnist.yaml", smoke=True)
+    arms = {a.name: a for a in sweep_cfg.arms}
+    gptfl = sweep_cfg.model_copy(update={"arms": [arms["gptfl"]]})
+    sweep_cfg = sweep_cfg.model_copy(update={"arms": [arms["feddf-synthetic"]]})
+    out = sweep(sweep_cfg, run, tmp_path / "sweep", shared_dir=shared)
+    assert out["errors"] == []
+    (point,) = json.loads((tmp_path / "sweep" / "points.json").read_text())
+    assert point["run"]["public_data"]["source"] == "synthetic" and point["init"] == "random"
+    (gptfl_point,) = grid_points(gptfl, run)
+    # the synthetic set the GPT-FL arm pretrains on (its labels: the dataset's, None)
+    pretrained_on = synthetic_key(RunConfig.model_validate(gptfl_point["run"]), None)
+    assert Path(point["synthetic_dir"]) == shared / f"synthetic-{pretrained_on}"
+    (row,) = json.loads((tmp_path / "sweep" / "summary.json").read_text())["rows"]
+    assert row["arm"] == "feddf-synthetic" and 0 <= row["final_accuracy_mean"] <= 1
+    assert json.loads((Path(point["trial_dir"]) / "summary.json").read_text())["strategy"] == "feddf"
+
+
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning(tmp_path, data_dir, tmp_path_factory):
     sweep_dir = tmp_path / "sweep"
     env = {
@@ -253,9 +395,7 @@ def test_interrupted_sweep_resumes_without_rerunning(tmp_path, data_dir, tmp_pat
         str(sweep_dir),
         "--shared",  # the smoke tests above already built the synthetic data and weights
         str(tmp_path_factory.getbasetemp() / "sweep-shared"),
-        "--set",
-        "fl.rounds=4",
-    ]
+    ]  # 2 trials of 2 rounds, one after the other: the second is still to run when the first has finished
     proc = subprocess.Popen(
         base, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
