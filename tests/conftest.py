@@ -121,3 +121,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, ray_session, data_dir):
+    """One finished `gptfl run configs/smoke.yaml` (MLflow tracking on, its default), shared by the tests that read
+    its artifacts and MLflow store, rerun it, or compare a resumed pretraining with its uninterrupted one:
+    (config, run folder, `run`'s result)."""
+    from gptfl_ray.config import load_config
+    from gptfl_ray.run import run
+
+    run_dir = tmp_path_factory.mktemp("smoke-run") / "smoke"
+    cfg = load_config(REPO / "configs" / "smoke.yaml")
+    return cfg, run_dir, run(cfg, run_dir)

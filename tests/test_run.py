@@ -1,19 +1,19 @@
-"""End-to-end `gptfl run` on the smoke config: artifacts, caching, resume; pretraining resume."""
+"""End-to-end `gptfl run` on the smoke config: artifacts, caching and MLflow on a rerun, a run killed in pretraining
+resumed to the uninterrupted result, the quiet console and `-v`."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from gptfl_ray.config import load_config
 from gptfl_ray.io import read_json, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,18 +22,8 @@ SMOKE = REPO / "configs" / "smoke.yaml"
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, ray_session, data_dir):
-    from gptfl_ray.run import run
-
-    run_dir = tmp_path_factory.mktemp("run") / "smoke"
-    cfg = load_config(SMOKE)
-    out = run(cfg, run_dir)
-    return cfg, run_dir, out
-
-
-def test_run_writes_every_artifact(finished_run):
-    cfg, run_dir, out = finished_run
+def test_run_writes_every_artifact(smoke_run):
+    cfg, run_dir, out = smoke_run
     assert (run_dir / "config.yaml").is_file()
     (synthetic,) = run_dir.glob("synthetic-*")
     manifest = read_json(synthetic / "manifest.json")
@@ -63,13 +53,15 @@ def test_run_writes_every_artifact(finished_run):
     assert first["gptfl"] > first["fedavg-scratch"]
 
 
-def test_rerun_skips_finished_steps(finished_run, monkeypatch):
+def test_rerun_skips_finished_steps_and_logs_into_the_same_mlflow_runs(smoke_run, monkeypatch):
     import gptfl_ray.fl.runner
     import gptfl_ray.generate.pipeline
     import gptfl_ray.pretrain
     from gptfl_ray.run import run
+    from gptfl_ray.tracking import RUN_ID_FILE
+    from tests.test_tracking import mlflow_runs
 
-    cfg, run_dir, first = finished_run
+    cfg, run_dir, first = smoke_run
 
     def boom(*a, **k):
         raise AssertionError("a finished step ran again")
@@ -79,90 +71,87 @@ def test_rerun_skips_finished_steps(finished_run, monkeypatch):
     monkeypatch.setattr(gptfl_ray.pretrain, "fit", boom)
     weights = next(run_dir.glob("pretrain-*-seed0")) / "weights.safetensors"
     mtime = weights.stat().st_mtime_ns
+    ids = {p.parent.name: read_json(p)["run_id"] for p in run_dir.rglob(RUN_ID_FILE)}
     again = run(cfg, run_dir)
     assert weights.stat().st_mtime_ns == mtime
     assert again["results"]["arms"] == first["results"]["arms"]
+    # MLflow: the rerun logs into the same runs, without duplicates
+    assert {p.parent.name: read_json(p)["run_id"] for p in run_dir.rglob(RUN_ID_FILE)} == ids
+    client, runs = mlflow_runs(cfg, run_dir)
+    assert len(runs) == 4
+    gptfl = runs["gptfl-seed0"].info.run_id
+    assert [m.step for m in client.get_metric_history(gptfl, "accuracy")] == [1, 2, 3]
 
 
-def test_interrupted_run_resumes(tmp_path, data_dir):
-    """Kill `gptfl run` once the first FL arm has checkpointed, then `--resume` finishes it."""
-    run_dir = tmp_path / "interrupted"
+RUN_SMOKE = ["run", str(SMOKE), "--output"]
+RAY_TRAIN_LINES = ("Checkpoint successfully created", "Reporting training result")
+
+
+def test_run_killed_in_pretraining_resumes_and_the_console_is_quiet_unless_v(smoke_run, tmp_path, data_dir):
+    """`gptfl run` is SIGKILLed (its whole process group) once pretraining's epoch-0 checkpoint is registered;
+    `gptfl run --resume -v` continues pretraining from epoch 1 to the uninterrupted run's weights (the `smoke_run`
+    fixture: same config), keeps the synthetic shards, runs both FL arms and writes the report.
+
+    Console: the first invocation (default) shows our lines (dashboard URL, one line per shard and epoch) and none
+    of Ray Train's checkpoint/report lines; with `-v` they are back."""
+    from tests.test_pretrain import same_weights, without_times
+
+    _cfg, ref_dir, _ = smoke_run
+    run_dir = tmp_path / "killed"
     env = {
         **os.environ,
         "GPTFL_DATA_DIR": str(data_dir),
         "RAY_TMPDIR": tempfile.mkdtemp(prefix="rt", dir="/tmp"),
     }
-    cmd = [
-        sys.executable,
-        "-m",
-        "gptfl_ray.cli",
-        "run",
-        str(SMOKE),
-        "--output",
-        str(run_dir),
-        "--set",
-        "fl.rounds=6",
-    ]
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    deadline = time.time() + 400
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if list((run_dir / "fl").glob("gptfl-*/checkpoint")):
-                break
-            time.sleep(0.5)
-        assert proc.poll() is None, "run ended before it could be interrupted"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    pres = sorted(run_dir.glob("pretrain-*-seed0"))
-    assert len(pres) == 1, [p.name for p in pres]
-    pre = pres[0]
-    pre_mtime = (pre / "weights.safetensors").stat().st_mtime_ns
-    assert not (run_dir / "report.md").exists()
+    console = tmp_path / "console.txt"
+    with open(console, "wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(REPO / "tests" / "crash_run.py"),
+                "0",
+                str(console),
+                *RUN_SMOKE,
+                str(run_dir),
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            assert proc.wait(timeout=400) == -signal.SIGKILL, console.read_text()[-3000:]
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    quiet = console.read_text()
+    assert "Ray dashboard:" in quiet and "generate: wrote part-00000.parquet" in quiet
+    assert "pretrain epoch 1/8: train loss" in quiet
+    assert not any(s in quiet for s in RAY_TRAIN_LINES), quiet
+    (pre,) = run_dir.glob("pretrain-*-seed0")
+    assert not (pre / "weights.safetensors").exists() and not (run_dir / "report.md").exists()
+    (synthetic,) = run_dir.glob("synthetic-*")
+    shard_mtimes = {p: p.stat().st_mtime_ns for p in synthetic.rglob("*.parquet")}
+
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gptfl_ray.cli",
-            "run",
-            str(SMOKE),
-            "--resume",
-            str(run_dir),
-            "--set",
-            "fl.rounds=6",
-        ],
+        [sys.executable, "-m", "gptfl_ray.cli", "run", str(SMOKE), "-v", "--resume", str(run_dir)],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "Wall time" in (run_dir / "report.md").read_text()
-    assert "this invocation only" in (run_dir / "report.md").read_text()  # not the whole run's time
-    assert (pre / "weights.safetensors").stat().st_mtime_ns == pre_mtime  # pretraining not redone
-    arms = sorted((run_dir / "fl").glob("gptfl-*"))
-    assert len(arms) == 1, [a.name for a in arms]
-    arm = arms[0]
-    rounds = [r["round"] for r in read_jsonl(arm / "metrics.jsonl") if r.get("accuracy") is not None]
-    assert rounds == list(range(1, 7))
-
-
-def test_pretraining_resumes_from_checkpoint(finished_run, tmp_path, monkeypatch):
-    """A pretraining stopped after its epoch-0 checkpoint continues from epoch 1 to the uninterrupted result."""
-    from gptfl_ray.pretrain import pretrain
-    from tests.test_pretrain import interrupt_after, same_weights, without_times
-
-    cfg, run_dir, _ = finished_run
-    synthetic = next(run_dir.glob("synthetic-*"))
-    (full,) = run_dir.glob("pretrain-*-seed0")  # the run's own, uninterrupted pretraining
-    out = tmp_path / "pre"
-    interrupt_after(monkeypatch, epoch=0)
-    with pytest.raises(Exception, match="interrupted after epoch 0"):
-        pretrain(cfg, synthetic, out, seed=0)
-    assert not (out / "weights.safetensors").exists()
-    resumed = pretrain(cfg, synthetic, out, seed=0)
-    assert resumed["resumed_from_epoch"] == 1
-    assert without_times(resumed["history"]) == without_times(read_json(full / "metrics.json")["history"])
-    assert same_weights(out, full)
+    loud = done.stdout + done.stderr
+    assert done.returncode == 0, loud[-3000:]
+    assert any(s in loud for s in RAY_TRAIN_LINES), loud[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in synthetic.rglob("*.parquet")} == shard_mtimes  # not regenerated
+    metrics = read_json(pre / "metrics.json")
+    assert metrics["resumed_from_epoch"] == 1
+    (ref,) = ref_dir.glob("pretrain-*-seed0")
+    assert pre.name == ref.name and same_weights(pre, ref)
+    assert without_times(metrics["history"]) == without_times(read_json(ref / "metrics.json")["history"])
+    report = (run_dir / "report.md").read_text()
+    assert "Wall time" in report and "this invocation only" in report  # not the whole run's time
+    for arm in ("gptfl", "fedavg-scratch"):
+        (folder,) = (run_dir / "fl").glob(f"{arm}-seed0-*")
+        rounds = [r["round"] for r in read_jsonl(folder / "metrics.jsonl") if r.get("accuracy") is not None]
+        assert rounds == [1, 2, 3]

@@ -1,12 +1,10 @@
-"""MLflow tracking of `gptfl run` (read back with the MLflow client), sweep params/callback, and the quiet console."""
+"""MLflow tracking of `gptfl run` (read back with the MLflow client) and of sweeps (params, callback); a rerun's
+MLflow runs and the quiet console are tested in test_run.py."""
 
 from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +16,6 @@ from gptfl_ray.tracking import RUN_ID_FILE, Tracker, config_params, numeric_fiel
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"
-TINY = ["fl.rounds=2", "pretrain.epochs=2"]
 
 
 def _client(uri: str):
@@ -28,26 +25,21 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-@pytest.fixture(scope="module")
-def tracked_run(tmp_path_factory, ray_session, data_dir):
-    from gptfl_ray.run import run
-
-    run_dir = tmp_path_factory.mktemp("tracked") / "smoke"
-    cfg = load_config(SMOKE, TINY)
-    out = run(cfg, run_dir)
+def mlflow_runs(cfg, run_dir: Path):
+    """(MLflow client, {run name: run}) of a finished run's own file store."""
     client = _client((run_dir / "mlruns").resolve().as_uri())
     exp = client.get_experiment_by_name(cfg.name)
-    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
-    return cfg, run_dir, out, client, runs
+    return client, {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
 
 
 @pytest.mark.slow
-def test_mlflow_store_holds_params_metrics_and_artifacts(tracked_run):
-    _cfg, run_dir, out, client, runs = tracked_run
+def test_mlflow_store_holds_params_metrics_and_artifacts(smoke_run):
+    cfg, run_dir, out = smoke_run
+    client, runs = mlflow_runs(cfg, run_dir)
     assert set(runs) == {"smoke", "pretrain-seed0", "gptfl-seed0", "fedavg-scratch-seed0"}
     parent = runs["smoke"]
     # params: the flattened config, dotted keys
-    assert parent.data.params["fl.rounds"] == "2"
+    assert parent.data.params["fl.rounds"] == "3"
     assert parent.data.params["model.name"] == "convnet"
     assert parent.data.params["partition.alpha"] == "0.5"
     assert parent.data.params["fl.local.batch_size"] == "16"
@@ -64,33 +56,19 @@ def test_mlflow_store_holds_params_metrics_and_artifacts(tracked_run):
         for key in ("accuracy", "loss", "cum_mb", "bytes_up", "train_loss"):
             hist = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
             assert hist == [(r["round"], pytest.approx(r[key])) for r in records if r.get(key) is not None]
-        assert [m.step for m in client.get_metric_history(run_id, "accuracy")] == [1, 2]
+        assert [m.step for m in client.get_metric_history(run_id, "accuracy")] == [1, 2, 3]
     # per-epoch pretraining metrics at step = epoch
     pre = runs["pretrain-seed0"].info.run_id
     (pre_dir,) = run_dir.glob("pretrain-*-seed0")
     history = read_json(pre_dir / "metrics.json")["history"]
     hist = sorted((m.step, m.value) for m in client.get_metric_history(pre, "train_loss"))
-    assert hist == [(h["epoch"], pytest.approx(h["train_loss"])) for h in history] and len(hist) == 2
+    assert hist == [(h["epoch"], pytest.approx(h["train_loss"])) for h in history] and len(hist) == 8
     assert client.get_metric_history(pre, "final.real_test_accuracy")
     # the report and plots as artifacts of the parent run
     names = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "report.md" in names and "plots" in names
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert "plots/accuracy_vs_round.png" in plots
-
-
-@pytest.mark.slow
-def test_rerun_logs_into_the_same_runs_without_duplicates(tracked_run):
-    from gptfl_ray.run import run
-
-    cfg, run_dir, _out, client, runs = tracked_run
-    ids = {p.parent.name: read_json(p)["run_id"] for p in run_dir.rglob(RUN_ID_FILE)}
-    run(cfg, run_dir)  # every step cached: a resumed run
-    assert {p.parent.name: read_json(p)["run_id"] for p in run_dir.rglob(RUN_ID_FILE)} == ids
-    exp = client.get_experiment_by_name(cfg.name)
-    assert len(client.search_runs([exp.experiment_id])) == 4
-    gptfl = runs["gptfl-seed0"].info.run_id
-    assert [m.step for m in client.get_metric_history(gptfl, "accuracy")] == [1, 2]
 
 
 # ------------------------------------------------------------------------------------------ no Ray
@@ -191,34 +169,3 @@ class _Trial:
 
     def __str__(self) -> str:
         return "trial_0"
-
-
-# ------------------------------------------------------------------------------------------ console
-@pytest.mark.slow
-def test_console_is_quiet_by_default_and_verbose_with_v(tracked_run, tmp_path):
-    """`gptfl pretrain`: one line per epoch and no Ray Train checkpoint/report lines; `-v` brings those back."""
-    _cfg, run_dir, *_ = tracked_run
-    (synthetic,) = run_dir.glob("synthetic-*")
-    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rt", dir="/tmp")}
-    outputs = {}
-    for flag in ([], ["-v"]):
-        cmd = [
-            sys.executable,
-            "-m",
-            "gptfl_ray.cli",
-            "pretrain",
-            str(SMOKE),
-            *flag,
-            "--synthetic",
-            str(synthetic),
-        ]
-        cmd += ["--output", str(tmp_path / f"pre{len(flag)}"), "--set", "pretrain.epochs=1"]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        outputs[bool(flag)] = done.stdout + done.stderr
-    quiet, loud = outputs[False], outputs[True]
-    ray_train = ("Checkpoint successfully created", "Reporting training result")
-    assert "pretrain epoch 1/1: train loss" in quiet and "Ray dashboard:" in quiet
-    assert not any(s in quiet for s in ray_train), quiet
-    assert any(s in loud for s in ray_train), loud[-3000:]
-    assert len(quiet.splitlines()) < len(loud.splitlines())
