@@ -1,7 +1,9 @@
-"""Connecting to Ray: reuse the running instance, else start a local one / connect to ``ray_address``."""
+"""Connecting to Ray: reuse the running instance, else start a local one / connect to ``ray_address``; user code
+that travels to the workers by value."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -38,3 +40,13 @@ def ray_for(address: str | None = None, *, announce: bool = False) -> Iterator[N
     finally:
         if ctx is not None:
             ray.shutdown()
+
+
+def ship_by_value(module_name: str) -> None:
+    """Pickle the user's (imported) module ``module_name`` by value, so what it defines (a ``module:callable``
+    model, ``module:function`` dataset, ``module:Class`` strategy) reaches Ray workers that cannot import it;
+    this package's own modules are importable everywhere and stay pickled by reference."""
+    if not module_name.startswith("gptfl_ray."):
+        from ray import cloudpickle
+
+        cloudpickle.register_pickle_by_value(sys.modules[module_name])

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
-import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from gptfl_ray.config import DataConfig
 from gptfl_ray.data.base import ArrayDataset, DatasetSpec, Splits
 from gptfl_ray.data.own import check_user_dataset
 from gptfl_ray.errors import ConfigError, InputError
+from gptfl_ray.ray_env import ship_by_value
 
 NAME = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -39,10 +39,7 @@ def _resolve(name: str) -> Callable[..., Any] | str:
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         return f"module {mod_name!r} has no function {fn_name!r}"
-    if not mod_name.startswith("gptfl_ray."):
-        from ray import cloudpickle
-
-        cloudpickle.register_pickle_by_value(sys.modules[mod_name])
+    ship_by_value(mod_name)
     _PLUGINS[name] = fn
     return fn
 

@@ -10,7 +10,6 @@ not be importable there; modules *it* imports must be.
 from __future__ import annotations
 
 import importlib
-import sys
 from collections.abc import Callable, Iterable
 
 from torch import nn
@@ -19,6 +18,7 @@ from gptfl_ray.errors import ConfigError, shorten
 from gptfl_ray.models.convnet import AudioCNN, ConvNet, MnistCNN
 from gptfl_ray.models.specs import HF_PREFIX, TEXT_MODELS, WIDTH_MODELS, check_model_options, is_hf, is_plugin
 from gptfl_ray.models.text import HFSequenceClassifier, TextCNN
+from gptfl_ray.ray_env import ship_by_value
 
 
 def _vision():
@@ -63,10 +63,7 @@ def model_callable(name: str) -> Callable[..., nn.Module]:
         fn = getattr(fn, part, None)
     if not callable(fn):
         raise ConfigError(f"model.name: {name!r} is not a callable (num_classes, input_shape) -> nn.Module")
-    if not module_name.startswith("gptfl_ray."):
-        from ray import cloudpickle
-
-        cloudpickle.register_pickle_by_value(sys.modules[module_name])
+    ship_by_value(module_name)
     _PLUGINS[name] = fn  # type: ignore[assignment]
     return fn  # type: ignore[return-value]
 

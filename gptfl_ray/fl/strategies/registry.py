@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import importlib
-import sys
 
 from pydantic import ValidationError
 
 from gptfl_ray.config import ConfigError, StrategyConfig, plugin_params_error
 from gptfl_ray.fl.strategies.base import Strategy
+from gptfl_ray.ray_env import ship_by_value
 
 STRATEGIES: dict[str, type[Strategy]] = {}
 
@@ -41,10 +41,7 @@ def strategy_class(name: str) -> type[Strategy]:
     cls = getattr(module, attr, None)
     if not (isinstance(cls, type) and issubclass(cls, Strategy)):
         raise ConfigError(f"fl.strategy.name: {name!r} is not a Strategy subclass")
-    if not module_name.startswith("gptfl_ray."):
-        from ray import cloudpickle
-
-        cloudpickle.register_pickle_by_value(sys.modules[module_name])
+    ship_by_value(module_name)
     return cls
 
 
