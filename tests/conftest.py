@@ -115,12 +115,10 @@ def ray_session():
 def one_torch_thread():
     """Small CPU ops (server-side distillation steps, unrolled graphs) run 20-50× slower with 2 torch threads on a
     busy 2-core box; restored afterwards."""
-    import torch
+    from gptfl_ray.training import one_torch_thread
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -32,6 +32,7 @@ from gptfl_ray.io import load_weights, read_jsonl, save_weights
 from gptfl_ray.labels.ring import Ring
 from gptfl_ray.labels.secagg import SecAggServer, secure_sum_local
 from gptfl_ray.models import build_model
+from gptfl_ray.training import one_torch_thread
 from tests.cli_output import error_lines
 
 LOCAL = {"epochs": 1, "batch_size": 32, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}}
@@ -431,16 +432,13 @@ def round_one(small_data):
     )
     sampled = sample_clients(small_data.num_clients, 5, seed=0, rnd=1, with_replacement=False)
     results = []
-    threads = torch.get_num_threads()
-    try:
-        client = FLClient(spec)  # sets one torch thread, as in an actor
+    with one_torch_thread():  # what FLClient sets, as in an actor; restored for the later tests
+        client = FLClient(spec)
         for slot, cid in enumerate(sampled):
             shard = (small_data.clients[cid][0].numpy(), small_data.clients[cid][1].numpy())
             value = client.train(x.numpy(), shard, None, None, task_seed(0, 1, cid, slot))
             value["delta"].flags.writeable = False
             results.append((slot, cid, value))
-    finally:
-        torch.set_num_threads(threads)
     return layout, x, sampled, results
 
 

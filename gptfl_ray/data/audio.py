@@ -8,8 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from gptfl_ray.config import AudioConfig
 from gptfl_ray.errors import InputError
 from gptfl_ray.io import atomic_path
 from gptfl_ray.paths import DataNotFoundError, cache_dir
+from gptfl_ray.training import one_torch_thread
 
 log = logging.getLogger(__name__)
 CLIP_CACHE_VERSION = 1  # bump when standardize_clip changes what it returns
@@ -83,19 +83,6 @@ def standardize_clip(
         wav = trim_silence(wav, target_sr)
     wav = peak_normalize(wav)
     return fix_length(wav, round(target_sr * clip_seconds)).astype(np.float32)
-
-
-@contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Torch ops on one thread inside the block (restored after). Resampling a clip is one small conv1d: extra
-    intra-op threads only synchronise (300 FSDD clips: 5.2 s with 2 threads, 0.2 s with one, on a busy 2-core
-    box; identical output)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def load_clips(paths: Sequence[Path], audio: AudioConfig) -> np.ndarray:
