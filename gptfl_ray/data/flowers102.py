@@ -13,7 +13,7 @@ from gptfl_ray.data.base import DatasetSpec, Splits, register
 def load(cfg: DataConfig, root: Path) -> Splits:
     from gptfl_ray.data.vision import load_flowers102
 
-    return load_flowers102(root, cfg.image_size or 224)
+    return load_flowers102(root, configured(cfg).image_size, list(SPEC.label_names))
 
 
 def configured(cfg: DataConfig) -> DatasetSpec:

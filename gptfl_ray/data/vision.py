@@ -31,7 +31,7 @@ def load_cifar(name: str, root: Path) -> Splits:
     return Splits(train=train, test=test)
 
 
-def load_flowers102(root: Path, image_size: int = 224) -> Splits:
+def load_flowers102(root: Path, image_size: int, label_names: list[str]) -> Splits:
     """Flowers102 in torchvision's layout (``root/flowers-102/``: ``jpg/image_NNNNN.jpg``, ``imagelabels.mat``,
     ``setid.mat``), train and val pooled, official test split; each image resized (shorter side) and
     centre-cropped to ``image_size``. Read here rather than by torchvision's class, which refuses any copy whose
@@ -50,7 +50,6 @@ def load_flowers102(root: Path, image_size: int = 224) -> Splits:
     except (OSError, KeyError, ValueError) as err:
         raise _missing("flowers102", root, err) from None
     tf = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size)])
-    names = [f"flower {i}" for i in range(102)]
 
     def part(image_ids: np.ndarray) -> ArrayDataset:
         xs = []
@@ -62,6 +61,6 @@ def load_flowers102(root: Path, image_size: int = 224) -> Splits:
             except (OSError, UnidentifiedImageError) as err:
                 raise _missing("flowers102", root, err) from None
         x = np.stack(xs) if xs else np.zeros((0, image_size, image_size, 3), np.uint8)
-        return ArrayDataset(x=x, y=labels[image_ids - 1], label_names=names, modality="image")
+        return ArrayDataset(x=x, y=labels[image_ids - 1], label_names=label_names, modality="image")
 
     return Splits(train=part(np.concatenate([train_ids, val_ids])), test=part(test_ids))
