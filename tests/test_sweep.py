@@ -209,23 +209,14 @@ COVERED = {
 # test_fl_secagg.py).
 
 
-def _flat(node: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in node.items():
-        if isinstance(value, dict) and key != "strategy":
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def test_smoke_points_not_run_repeat_a_run_one():
     """Each smoke point of a config not run in --smoke differs from the run config's point of the same init only in
     fields whose code paths other tests cover (COVERED)."""
+    from gptfl_ray.tracking import flatten
 
     def smoke_points(name):
         sweep_cfg, run = load_sweep(REPO / "tune_configs" / name, smoke=True)
-        return sweep_cfg.kind, {p["init"]: _flat(p["run"]) for p in grid_points(sweep_cfg, run)}
+        return sweep_cfg.kind, {p["init"]: flatten(p["run"]) for p in grid_points(sweep_cfg, run)}
 
     run_names = {p.name for p in SMOKE_RUNS}
     assert set(REPEATS) == {p.name for p in TUNE_CONFIGS if not p.name.startswith("baselines-")} - run_names
