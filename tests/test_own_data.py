@@ -1,6 +1,8 @@
 """The user's own data without code (imagefolder, audiofolder, Hugging Face on disk / Parquet) and with code
 (``module:function``): loaders return the counts, label names, groups and shapes the test wrote; bad layouts
-are one-line errors naming the path; one end-to-end ``gptfl run`` on an image folder."""
+are one-line errors naming the path. A loader's output (``Splits`` and the spec) is all the rest of a run reads, so
+`gptfl run` end to end is tested once per modality in test_own_data_run.py (an audio folder, a plugin image
+dataset), not once per layout."""
 
 import io
 import sys
@@ -220,6 +222,9 @@ def test_hf_parquet_audio_with_string_labels(tmp_path):
         1,
     ]  # sorted unique values
     assert raw.x.shape == (5, 8000) and raw.modality == "audio"
+    spec = get_spec(cfg)  # what the prompts, the synthetic set and the model are made from
+    assert (spec.modality, spec.label_names) == ("audio", ("down", "left", "up"))
+    assert input_shape(cfg, cfg.audio)[0] == 1
     splits = load_dataset(cfg)
     assert len(splits.train) == 2 and splits.test.class_counts().tolist() == [1, 1, 1]  # stratified holdout
     bad = validate_config({"data": {"dataset": "hf", "hf": {**hf, "audio_column": "wave"}}}).data
@@ -273,51 +278,3 @@ def test_plugin_module_function(tmp_path, monkeypatch):
         load_dataset(validate_config({"data": {"dataset": "my_tiny_data:not_data"}}).data)
     with pytest.raises(ConfigError, match="module 'my_tiny_data' has no function 'nope'"):
         validate_config({"data": {"dataset": "my_tiny_data:nope"}})
-
-
-@pytest.mark.slow
-def test_gptfl_run_on_an_image_folder(tmp_path, ray_session):
-    """`gptfl run` end to end on the user's folder: labels from the folder names ("0", "1", "2": glyphs renders
-    them), 16x16 grayscale images as found, 1 FL round."""
-    from gptfl_ray.io import read_json, read_jsonl
-    from gptfl_ray.run import run
-
-    rng = np.random.default_rng(0)
-    root = tmp_path / "digits"
-    for c in range(3):
-        for i in range(10):
-            (root / str(c)).mkdir(parents=True, exist_ok=True)
-            Image.fromarray((rng.random((16, 16)) * 60 + 60 * c).astype(np.uint8)).save(
-                root / str(c) / f"{i}.png"
-            )
-    cfg = validate_config(
-        {
-            "name": "own-images",
-            "data": {"dataset": "imagefolder", "root": str(root), "test_split": "holdout", "num_test": 6},
-            "partition": {"method": "iid", "num_clients": 2},
-            "model": {"name": "convnet", "width": 4},
-            "labels": {"source": "dataset"},
-            "prompts": {"num_per_class": 4},
-            "generate": {"generator": "glyphs", "batch_size": 12, "concurrency": 1, "rows_per_shard": 12},
-            "pretrain": {"epochs": 1, "batch_size": 8, "val_fraction": 0.25},
-            "fl": {
-                "rounds": 1,
-                "clients_per_round": 2,
-                "local": {"epochs": 1, "batch_size": 8},
-                "num_actors": 1,
-            },
-        },
-        "own-images",
-    )
-    run_dir = tmp_path / "run"
-    out = run(cfg, run_dir)
-    (synthetic,) = run_dir.glob("synthetic-*")
-    manifest = read_json(synthetic / "manifest.json")
-    assert manifest["label_names"] == ["0", "1", "2"] and manifest["counts_per_class"] == [4, 4, 4]
-    assert manifest["image_size"] == 16
-    (arm,) = out["results"]["arms"].values()
-    rounds = [
-        r for r in read_jsonl(run_dir / arm["0"]["dir"] / "metrics.jsonl") if r.get("accuracy") is not None
-    ]
-    assert [r["round"] for r in rounds] == [1] and 0.0 <= rounds[0]["accuracy"] <= 1.0
-    assert (run_dir / "report.md").is_file()

@@ -1,19 +1,17 @@
-"""`gptfl run` end to end on each layout a user brings (1 FL round, tiny models): an audio folder with speaker
-ids as the natural clients, a Hugging Face dataset saved with ``save_to_disk`` (images), one saved as Parquet
-(audio, string labels), and a ``module:function`` dataset with a ``module:callable`` model from a module that
-neither the FL actors nor the Ray Train workers can import. Label names come from the data, and the prompts,
-synthetic set, pretraining, FL and report all follow from them. (The image-folder run is in test_own_data.py;
-the loaders' details and the bad layouts are tested there too, without Ray.)"""
+"""`gptfl run` end to end on data a user brings (1 FL round, tiny models), once per modality: an audio folder
+with speaker ids as the natural clients, and a ``module:function`` image dataset with a ``module:callable`` model
+from a module that neither the FL actors nor the Ray Train workers can import. Label names come from the data,
+and the prompts, synthetic set, pretraining, FL and report all follow from them. The other layouts (image folder,
+Hugging Face on disk / Parquet) differ only in their loader, which returns the same ``Splits`` and spec the rest
+of a run reads: their loaders and bad layouts are tested in test_own_data.py, without Ray."""
 
 from __future__ import annotations
 
-import io
 import uuid
 
 import numpy as np
 import pytest
 import soundfile as sf
-from PIL import Image
 
 from gptfl_ray.config import validate_config
 from gptfl_ray.io import read_json, read_jsonl
@@ -104,52 +102,6 @@ def test_gptfl_run_on_an_audio_folder_with_speakers_as_clients(tmp_path, ray_ses
     # the natural partition: one client per speaker found in the file names, all three sampled
     _, _, manifest = _run(tmp_path, "own-audio", data, audio=True, partition={"method": "natural"}, clients=3)
     assert manifest["label_names"] == ["no", "yes"] and manifest["counts_per_class"] == [2, 2]
-
-
-def test_gptfl_run_on_a_hugging_face_dataset_saved_to_disk(tmp_path, ray_session):
-    import datasets
-
-    def split(n_per_class: int, seed: int) -> datasets.Dataset:
-        rng = np.random.default_rng(seed)
-        rows = {"img": [], "label": []}
-        for c in range(3):
-            for _ in range(n_per_class):
-                rows["img"].append(Image.fromarray((rng.random((12, 12)) * 60 + 60 * c).astype(np.uint8)))
-                rows["label"].append(c)
-        feats = datasets.Features(
-            img=datasets.Image(), label=datasets.ClassLabel(names=["ant", "bee", "cat"])
-        )
-        return datasets.Dataset.from_dict(rows, features=feats)
-
-    path = tmp_path / "hfdisk"
-    datasets.DatasetDict(train=split(6, 0), test=split(2, 1)).save_to_disk(str(path))
-    data = {"dataset": "hf", "hf": {"path": str(path), "image_column": "img", "label_column": "label"}}
-    _, _, manifest = _run(tmp_path, "own-hf-disk", data, audio=False)
-    assert manifest["label_names"] == ["ant", "bee", "cat"] and manifest["image_size"] == 12
-
-
-def test_gptfl_run_on_hugging_face_parquet_audio_with_string_labels(tmp_path, ray_session):
-    import datasets
-
-    rng = np.random.default_rng(1)
-    rows = {"clip": [], "word": []}
-    for i in range(18):
-        word = ["down", "up", "left"][i % 3]
-        buf = io.BytesIO()
-        sf.write(buf, _tone(300 + 100 * (i % 3) + i, rng), 16000, format="WAV")
-        rows["clip"].append({"bytes": buf.getvalue(), "path": ""})
-        rows["word"].append(word)
-    # encoded WAV bytes typed as the library's Audio feature (its encoder would need torchcodec)
-    path = tmp_path / "clips.parquet"
-    datasets.Dataset.from_dict(rows).cast_column("clip", datasets.Audio()).to_parquet(str(path))
-    data = {
-        "dataset": "hf",
-        "hf": {"path": str(path), "audio_column": "clip", "label_column": "word"},
-        "num_test": 6,
-        "audio": AUDIO,
-    }
-    _, _, manifest = _run(tmp_path, "own-hf-parquet", data, audio=True)
-    assert manifest["label_names"] == ["down", "left", "up"]  # sorted unique values of the label column
 
 
 PLUGIN = """
