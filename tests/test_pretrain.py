@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from gptfl_ray.config import validate_config
-from gptfl_ray.io import atomic_write_json, load_weights
+from gptfl_ray.io import atomic_write_json, load_weights, read_json
 
 TIMES = {"train_time_s", "samples_per_s"}
 
@@ -120,13 +120,25 @@ def synthetic(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def three_runs(ray_session, synthetic, tmp_path_factory):
-    """Three pretrainings of one synthetic set, config and seed (6 shards read by 2 CPUs: the order in which
-    blocks come out of Ray Data varies from run to run)."""
+def two_runs(ray_session, synthetic, tmp_path_factory):
+    """One synthetic set, config and seed pretrained twice: by `pretrain()` and by the `gptfl pretrain` command
+    into its default folder (6 shards read by 2 CPUs: the order in which blocks come out of Ray Data varies from
+    run to run). Each item: (folder, metrics, the command's exit code or None)."""
+    from gptfl_ray.cli import main
     from gptfl_ray.pretrain import pretrain
 
     root = tmp_path_factory.mktemp("runs")
-    return [(root / f"r{i}", pretrain(tiny_cfg(), synthetic, root / f"r{i}", seed=3)) for i in range(3)]
+    cfg = tiny_cfg(root / "out")
+    direct = pretrain(cfg, synthetic, root / "r0", seed=cfg.seeds[0])
+    cfg_file = root / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        rc = main(["pretrain", str(cfg_file), "--synthetic", str(synthetic)])
+    lines = [x for x in stdout.getvalue().splitlines() if x.startswith("weights: ")]
+    folder = Path(lines[0].removeprefix("weights: ")).parent if lines else root / "none"
+    command = read_json(folder / "metrics.json") if lines else {}
+    return [(root / "r0", direct, None), (folder, command, rc)]
 
 
 # ------------------------------------------------------------------------------------------ data order
@@ -163,16 +175,16 @@ def test_split_and_epoch_order_are_seeded_functions_of_the_row_ids():
 
 
 @pytest.mark.slow  # Ray Train runs: ~30 s each on 2 cores
-def test_pretraining_three_times_gives_identical_weights(three_runs):
-    (d0, m0), *rest = three_runs
-    for d, m in rest:
-        assert same_weights(d0, d)
-        assert without_times(m["history"]) == without_times(m0["history"])
+def test_pretraining_twice_gives_identical_weights(two_runs):
+    (d0, m0, _), (d1, m1, rc) = two_runs
+    assert rc == 0
+    assert same_weights(d0, d1)
+    assert without_times(m1["history"]) == without_times(m0["history"])
 
 
 @pytest.mark.slow  # Ray Train runs: ~30 s each on 2 cores
-def test_metrics_history_holds_every_epoch(three_runs):
-    _, metrics = three_runs[0]
+def test_metrics_history_holds_every_epoch(two_runs):
+    _, metrics, _ = two_runs[0]
     assert [h["epoch"] for h in metrics["history"]] == [0, 1, 2]  # not only the 2 kept checkpoints
     assert all(h["train_samples"] == metrics["num_train"] == 96 for h in metrics["history"])
     assert all(0.0 <= h["val_accuracy"] <= 1.0 for h in metrics["history"])
@@ -180,18 +192,19 @@ def test_metrics_history_holds_every_epoch(three_runs):
 
 @pytest.mark.slow  # Ray Train runs: ~30 s each on 2 cores
 def test_interrupted_pretraining_resumes_to_the_uninterrupted_result(
-    three_runs, synthetic, tmp_path, monkeypatch
+    two_runs, synthetic, tmp_path, monkeypatch
 ):
     from gptfl_ray.pretrain import pretrain
 
     out = tmp_path / "pre"
+    cfg = tiny_cfg()
     interrupt_after(monkeypatch, epoch=0)
     with pytest.raises(Exception, match="interrupted after epoch 0"):
-        pretrain(tiny_cfg(), synthetic, out, seed=3)
+        pretrain(cfg, synthetic, out, seed=cfg.seeds[0])
     assert not (out / "weights.safetensors").exists()
-    resumed = pretrain(tiny_cfg(), synthetic, out, seed=3)
+    resumed = pretrain(cfg, synthetic, out, seed=cfg.seeds[0])
     assert resumed["resumed_from_epoch"] == 1
-    ref_dir, ref = three_runs[0]
+    ref_dir, ref, _ = two_runs[0]
     assert without_times(resumed["history"]) == without_times(ref["history"])  # all 3 epochs, same numbers
     assert same_weights(out, ref_dir)
 
@@ -224,32 +237,23 @@ def test_two_workers_give_identical_weights_for_the_same_worker_count(ray_sessio
 
 # ------------------------------------------------------------------------------------------ cache key
 @pytest.mark.slow  # Ray Train runs: ~30 s each on 2 cores
-def test_pretrain_command_keys_its_cache_by_the_synthetic_set(ray_session, synthetic, tmp_path, capsys):
-    """Without --output, a second synthetic set gets its own folder; an explicit folder of another set is refused."""
+def test_pretrain_command_keys_its_cache_by_the_synthetic_set(two_runs, synthetic, tmp_path, capsys):
+    """Without --output, the command writes to a folder named by the key of its inputs, so a second synthetic
+    set gets its own folder; an explicit folder of another set is refused."""
     from gptfl_ray.cli import main
-
-    other = write_synthetic(tmp_path / "b", seed=1)  # same manifest config hash, other samples
-    cfg_file = tmp_path / "cfg.yaml"
-    cfg = tiny_cfg(tmp_path / "out", epochs=1)
-    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-
-    def weights_line(syn: Path, *extra: str) -> tuple[int, str, str]:
-        rc = main(["pretrain", str(cfg_file), "--synthetic", str(syn), *extra])
-        out, err = capsys.readouterr()
-        lines = [x for x in out.splitlines() if x.startswith("weights: ")]
-        return rc, (lines[0].removeprefix("weights: ") if lines else ""), err
-
     from gptfl_ray.data.synthetic import synthetic_identity
     from gptfl_ray.pretrain import pretrain_key
 
-    rc_a, weights_a, _ = weights_line(synthetic)
-    assert rc_a == 0
-    folder_a = Path(weights_a).parent
+    folder_a, metrics, rc = two_runs[1]
+    assert rc == 0 and (folder_a / "weights.safetensors").is_file()
+    cfg = tiny_cfg(folder_a.parent)
     assert folder_a.name == f"pretrain-{pretrain_key(cfg, synthetic_identity(synthetic), cfg.seeds[0])}"
+    assert metrics["key"] == pretrain_key(cfg, synthetic_identity(synthetic), cfg.seeds[0])
+    other = write_synthetic(tmp_path / "b", seed=1)  # same manifest config hash, other samples
     # The other set's default folder is another one (checked without a second training: the key differs) ...
     assert pretrain_key(cfg, synthetic_identity(other), cfg.seeds[0]) not in folder_a.name
     # ... and the first set's folder is never reused for it, named explicitly or not.
-    rc, _, err = weights_line(other, "--output", str(folder_a))
-    assert rc == 2
+    cfg_file = folder_a.parent.parent / "cfg.yaml"
+    assert main(["pretrain", str(cfg_file), "--synthetic", str(other), "--output", str(folder_a)]) == 2
+    err = capsys.readouterr().err
     assert "holds pretraining of other inputs" in err and len(err.strip().splitlines()) == 1
-    shutil.rmtree(tmp_path / "out")
