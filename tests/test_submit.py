@@ -422,8 +422,10 @@ def test_gptfl_submit_smoke_run_succeeds(ray_head, data_dir, tmp_path, monkeypat
     monkeypatch.setenv("RAY_AUTH_TOKEN", token)
     runs = tmp_path / "runs"
     argv = ["submit", str(SMOKE_CONFIG), "--address", url, "--wait", "--data-dir", str(data_dir)]
-    # every step runs; one epoch and one round each are enough to show it (the steps' numbers are tested elsewhere)
+    # every step runs; one epoch, one arm and one round are enough to show it (the steps' numbers are tested
+    # elsewhere)
     argv += ["--set", f"output_dir={runs}", "--set", "pretrain.epochs=1", "--set", "fl.rounds=1"]
+    argv += ["--set", "baselines=[]"]
     code = cli.main(argv)
     out = capsys.readouterr()
     assert code == 0, (out.out + out.err)[-5000:]
