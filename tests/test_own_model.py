@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -245,9 +246,10 @@ def test_unset_weights_leave_dumped_config_and_keys_unchanged(tmp_path):
 
 # ------------------------------------------------------------------------------------ pretrained-init arm
 @pytest.mark.slow
-def test_pretrained_init_arm_report_row(tmp_path, ray_session, data_dir):
+def test_pretrained_init_arm_report_row(tmp_path, smoke_run):
     """`gptfl run` with model.weights: GPT-FL pretraining starts from them (at a negligible learning rate its
-    result is the file's weights), and the pretrained-init arm runs FL from them and gets its report row."""
+    result is the file's weights), and the pretrained-init arm runs FL from them and gets its report row.
+    model.weights does not change what is generated: the smoke run's synthetic set is reused (copied in)."""
     from gptfl_ray.run import PRETRAINED_INIT_ARM, run
 
     torch.manual_seed(7)
@@ -267,6 +269,8 @@ def test_pretrained_init_arm_report_row(tmp_path, ray_session, data_dir):
         ],
     )
     run_dir = tmp_path / "run"
+    (synthetic,) = smoke_run[1].glob("synthetic-*")
+    shutil.copytree(synthetic, run_dir / synthetic.name)
     out = run(cfg, run_dir)
     arms = out["results"]["arms"]
     assert set(arms) == {"gptfl", PRETRAINED_INIT_ARM}
