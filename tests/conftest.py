@@ -30,7 +30,7 @@ if DATA_DIR is not None:
 CACHE_DIR = tempfile.mkdtemp(prefix="gptfl-cache-")
 os.environ["GPTFL_CACHE_DIR"] = CACHE_DIR
 # Ray Train's controller polls its workers every 2 s: a tiny test pretraining is noticed finished up to 2 s (more
-# on a busy box) after its last epoch, and the suite runs ~20 of them. Inherited by the Train controllers of this
+# on a busy box) after its last epoch, and the suite runs many. Inherited by the Train controllers of this
 # session's Ray and of the CLI subprocesses' own.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 

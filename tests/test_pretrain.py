@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 import yaml
 from PIL import Image
 
-from gptfl_ray.config import validate_config
+from gptfl_ray.config import RunConfig, validate_config
 from gptfl_ray.io import atomic_write_json, load_weights, read_json
 
 TIMES = {"train_time_s", "samples_per_s"}
@@ -119,26 +120,35 @@ def synthetic(tmp_path_factory) -> Path:
     return write_synthetic(tmp_path_factory.mktemp("syn") / "a")
 
 
+@dataclass(frozen=True)
+class TwoRuns:
+    """One synthetic set, config and seed pretrained twice: by `pretrain()` and by `gptfl pretrain`."""
+
+    cfg: RunConfig
+    cfg_file: Path  # the command's config file
+    direct: Path  # pretrain()'s folder
+    direct_metrics: dict
+    command: Path  # the command's default folder, read from its "weights: " line
+    command_metrics: dict
+
+
 @pytest.fixture(scope="module")
-def two_runs(ray_session, synthetic, tmp_path_factory):
-    """One synthetic set, config and seed pretrained twice: by `pretrain()` and by the `gptfl pretrain` command
-    into its default folder (6 shards read by 2 CPUs: the order in which blocks come out of Ray Data varies from
-    run to run). Each item: (folder, metrics, the command's exit code or None)."""
+def two_runs(ray_session, synthetic, tmp_path_factory) -> TwoRuns:
+    """6 shards read by 2 CPUs: the order in which blocks come out of Ray Data varies from run to run."""
     from gptfl_ray.cli import main
     from gptfl_ray.pretrain import pretrain
 
     root = tmp_path_factory.mktemp("runs")
     cfg = tiny_cfg(root / "out")
-    direct = pretrain(cfg, synthetic, root / "r0", seed=cfg.seeds[0])
+    direct_metrics = pretrain(cfg, synthetic, root / "r0", seed=cfg.seeds[0])
     cfg_file = root / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        rc = main(["pretrain", str(cfg_file), "--synthetic", str(synthetic)])
-    lines = [x for x in stdout.getvalue().splitlines() if x.startswith("weights: ")]
-    folder = Path(lines[0].removeprefix("weights: ")).parent if lines else root / "none"
-    command = read_json(folder / "metrics.json") if lines else {}
-    return [(root / "r0", direct, None), (folder, command, rc)]
+        assert main(["pretrain", str(cfg_file), "--synthetic", str(synthetic)]) == 0, stdout.getvalue()
+    (line,) = [x for x in stdout.getvalue().splitlines() if x.startswith("weights: ")]
+    command = Path(line.removeprefix("weights: ")).parent
+    return TwoRuns(cfg, cfg_file, root / "r0", direct_metrics, command, read_json(command / "metrics.json"))
 
 
 # ------------------------------------------------------------------------------------------ data order
@@ -176,15 +186,15 @@ def test_split_and_epoch_order_are_seeded_functions_of_the_row_ids():
 
 @pytest.mark.slow  # Ray Train runs: ~30 s each on 2 cores
 def test_pretraining_twice_gives_identical_weights(two_runs):
-    (d0, m0, _), (d1, m1, rc) = two_runs
-    assert rc == 0
-    assert same_weights(d0, d1)
-    assert without_times(m1["history"]) == without_times(m0["history"])
+    assert same_weights(two_runs.direct, two_runs.command)
+    assert without_times(two_runs.command_metrics["history"]) == without_times(
+        two_runs.direct_metrics["history"]
+    )
 
 
 @pytest.mark.slow  # Ray Train runs: ~30 s each on 2 cores
 def test_metrics_history_holds_every_epoch(two_runs):
-    _, metrics, _ = two_runs[0]
+    metrics = two_runs.direct_metrics
     assert [h["epoch"] for h in metrics["history"]] == [0, 1, 2]  # not only the 2 kept checkpoints
     assert all(h["train_samples"] == metrics["num_train"] == 96 for h in metrics["history"])
     assert all(0.0 <= h["val_accuracy"] <= 1.0 for h in metrics["history"])
@@ -204,9 +214,9 @@ def test_interrupted_pretraining_resumes_to_the_uninterrupted_result(
     assert not (out / "weights.safetensors").exists()
     resumed = pretrain(cfg, synthetic, out, seed=cfg.seeds[0])
     assert resumed["resumed_from_epoch"] == 1
-    ref_dir, ref, _ = two_runs[0]
+    ref = two_runs.direct_metrics
     assert without_times(resumed["history"]) == without_times(ref["history"])  # all 3 epochs, same numbers
-    assert same_weights(out, ref_dir)
+    assert same_weights(out, two_runs.direct)
 
 
 def test_checkpoint_holding_a_pickled_object_is_refused(tmp_path):
@@ -244,16 +254,16 @@ def test_pretrain_command_keys_its_cache_by_the_synthetic_set(two_runs, syntheti
     from gptfl_ray.data.synthetic import synthetic_identity
     from gptfl_ray.pretrain import pretrain_key
 
-    folder_a, metrics, rc = two_runs[1]
-    assert rc == 0 and (folder_a / "weights.safetensors").is_file()
-    cfg = tiny_cfg(folder_a.parent)
-    assert folder_a.name == f"pretrain-{pretrain_key(cfg, synthetic_identity(synthetic), cfg.seeds[0])}"
-    assert metrics["key"] == pretrain_key(cfg, synthetic_identity(synthetic), cfg.seeds[0])
+    cfg, folder_a = two_runs.cfg, two_runs.command
+    key = pretrain_key(cfg, synthetic_identity(synthetic), cfg.seeds[0])
+    assert (folder_a / "weights.safetensors").is_file()
+    assert folder_a.name == f"pretrain-{key}" and two_runs.command_metrics["key"] == key
     other = write_synthetic(tmp_path / "b", seed=1)  # same manifest config hash, other samples
     # The other set's default folder is another one (checked without a second training: the key differs) ...
     assert pretrain_key(cfg, synthetic_identity(other), cfg.seeds[0]) not in folder_a.name
     # ... and the first set's folder is never reused for it, named explicitly or not.
-    cfg_file = folder_a.parent.parent / "cfg.yaml"
-    assert main(["pretrain", str(cfg_file), "--synthetic", str(other), "--output", str(folder_a)]) == 2
+    assert (
+        main(["pretrain", str(two_runs.cfg_file), "--synthetic", str(other), "--output", str(folder_a)]) == 2
+    )
     err = capsys.readouterr().err
     assert "holds pretraining of other inputs" in err and len(err.strip().splitlines()) == 1
