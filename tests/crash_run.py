@@ -28,6 +28,9 @@ def kill_after_epoch(epoch: int, console: Path) -> None:
             while line not in console.read_text() and time.monotonic() < deadline:
                 time.sleep(0.1)
             os.killpg(pgid, signal.SIGKILL)
+            # On a cluster the driver connected to, this controller outlives it until Ray reaps the job:
+            # hold it here, so it registers no later checkpoint.
+            time.sleep(600)
 
     real_fit = pretrain_mod.fit
 

@@ -9,12 +9,12 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from gptfl_ray.io import read_json, read_jsonl
+from tests.session_ray import wait_for_released_cpus
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -87,22 +87,24 @@ RUN_SMOKE = ["run", str(SMOKE), "--output"]
 RAY_TRAIN_LINES = ("Checkpoint successfully created", "Reporting training result")
 
 
-def test_run_killed_in_pretraining_resumes_and_the_console_is_quiet_unless_v(smoke_run, tmp_path, data_dir):
+def test_run_killed_in_pretraining_resumes_and_the_console_is_quiet_unless_v(
+    smoke_run, ray_session, tmp_path, data_dir
+):
     """`gptfl run` is SIGKILLed (its whole process group) once pretraining's epoch-0 checkpoint is registered;
     `gptfl run --resume -v` continues pretraining from its last checkpoint to the uninterrupted run's weights (the `smoke_run`
     fixture: same config), keeps the synthetic shards, runs both FL arms and writes the report.
 
     Console: the first invocation (default) shows our lines (dashboard URL, one line per shard and epoch) and none
-    of Ray Train's checkpoint/report lines; with `-v` they are back."""
+    of Ray Train's checkpoint/report lines; with `-v` they are back.
+
+    Both invocations connect to the session's Ray instance (`ray_address`), as a job on a cluster does: the killed
+    driver's actors are reaped by Ray, and the rerun waits until their CPUs are free (none still writes)."""
     from tests.test_pretrain import same_weights, without_times
 
     _cfg, ref_dir, _ = smoke_run
     run_dir = tmp_path / "killed"
-    env = {
-        **os.environ,
-        "GPTFL_DATA_DIR": str(data_dir),
-        "RAY_TMPDIR": tempfile.mkdtemp(prefix="rt", dir="/tmp"),
-    }
+    env = {**os.environ, "GPTFL_DATA_DIR": str(data_dir)}
+    on_session_ray = ["--set", f"ray_address={ray_session.get_runtime_context().gcs_address}"]
     console = tmp_path / "console.txt"
     with open(console, "wb") as out:
         proc = subprocess.Popen(
@@ -113,6 +115,7 @@ def test_run_killed_in_pretraining_resumes_and_the_console_is_quiet_unless_v(smo
                 str(console),
                 *RUN_SMOKE,
                 str(run_dir),
+                *on_session_ray,
             ],
             env=env,
             stdout=out,
@@ -124,6 +127,7 @@ def test_run_killed_in_pretraining_resumes_and_the_console_is_quiet_unless_v(smo
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
+    wait_for_released_cpus()
     quiet = console.read_text()
     assert "Ray dashboard:" in quiet and "generate: wrote part-00000.parquet" in quiet
     assert "pretrain epoch 1/8: train loss" in quiet
@@ -134,7 +138,17 @@ def test_run_killed_in_pretraining_resumes_and_the_console_is_quiet_unless_v(smo
     shard_mtimes = {p: p.stat().st_mtime_ns for p in synthetic.rglob("*.parquet")}
 
     done = subprocess.run(
-        [sys.executable, "-m", "gptfl_ray.cli", "run", str(SMOKE), "-v", "--resume", str(run_dir)],
+        [
+            sys.executable,
+            "-m",
+            "gptfl_ray.cli",
+            "run",
+            str(SMOKE),
+            "-v",
+            "--resume",
+            str(run_dir),
+            *on_session_ray,
+        ],
         env=env,
         capture_output=True,
         text=True,

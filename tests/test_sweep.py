@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 
 from gptfl_ray.config import ConfigError, RunConfig, load_config, validate_config
 from gptfl_ray.sweep import grid_points, load_sweep
+from tests.session_ray import wait_for_released_cpus
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE_CONFIGS = sorted((REPO / "tune_configs").glob("*.yaml"))
@@ -368,13 +368,11 @@ def test_synthetic_public_data_arm_runs_in_a_sweep(tmp_path, ray_session, data_d
 
 
 @pytest.mark.slow
-def test_interrupted_sweep_resumes_without_rerunning(tmp_path, data_dir, tmp_path_factory):
+def test_interrupted_sweep_resumes_without_rerunning(tmp_path, data_dir, tmp_path_factory, ray_session):
+    """`gptfl sweep` (a driver of its own on the session's Ray instance, as a job on a cluster) is SIGKILLed
+    once its first trial has finished; `--resume` runs only the second."""
     sweep_dir = tmp_path / "sweep"
-    env = {
-        **os.environ,
-        "GPTFL_DATA_DIR": str(data_dir),
-        "RAY_TMPDIR": tempfile.mkdtemp(prefix="rt", dir="/tmp"),
-    }
+    env = {**os.environ, "GPTFL_DATA_DIR": str(data_dir)}
     base = [
         sys.executable,
         "-m",
@@ -386,6 +384,8 @@ def test_interrupted_sweep_resumes_without_rerunning(tmp_path, data_dir, tmp_pat
         str(sweep_dir),
         "--shared",  # the smoke tests above already built the synthetic data and weights
         str(tmp_path_factory.getbasetemp() / "sweep-shared"),
+        "--set",
+        f"ray_address={ray_session.get_runtime_context().gcs_address}",
     ]  # 2 trials of 2 rounds, one after the other: the second is still to run when the first has finished
     proc = subprocess.Popen(
         base, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
@@ -400,6 +400,7 @@ def test_interrupted_sweep_resumes_without_rerunning(tmp_path, data_dir, tmp_pat
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    wait_for_released_cpus()  # the second trial's actor is gone
     (finished,) = list((sweep_dir / "trials").glob("*/summary.json"))
     mtime = finished.stat().st_mtime_ns
     done = subprocess.run([*base, "--resume"], env=env, capture_output=True, text=True, timeout=600)
