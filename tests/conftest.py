@@ -33,6 +33,9 @@ os.environ["GPTFL_CACHE_DIR"] = CACHE_DIR
 # on a busy box) after its last epoch, and the suite runs many. Inherited by the Train controllers of this
 # session's Ray and of the CLI subprocesses' own.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Each Ray Train fit also starts a preemption watcher (one more worker process) that polls for node drains, which
+# a single-node test session never sees; the product keeps Ray's default.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def _is_loopback(address) -> bool:
