@@ -178,7 +178,7 @@ def table_lines(data: dict[str, Any], target: float | None) -> list[str]:
         lines.append(
             f"| {r['arm']} | {fmt_pct(*r['final_accuracy'])} |{f1_cells} {fmt_pct(*r['best_accuracy'])} | "
             f"{fmt_num(r['rounds_to_target']) if target else '–'} | "
-            f"{fmt_num(r['mb_to_target'], ' MB') if target else '–'} | {r['total_mb']:.1f} | "
+            f"{fmt_num(r['mb_to_target'], ' MB') if target else '–'} | {_mb(r['total_mb'])} | "
             f"{_seconds(r.get('round_s'))} ({_seconds(r.get('server_s'))}) |"
         )
     for group, stats in data["synthetic_only"].items():
@@ -191,6 +191,11 @@ def table_lines(data: dict[str, Any], target: float | None) -> list[str]:
         )
         lines.append(f"| {name} | {fmt_pct(*stats)} |{f1_cells} – | – | – | 0.0 | – |")
     return lines
+
+
+def _mb(value: float | None) -> str:
+    """Total MB; "–" where no run counted traffic (client-isolated runs exchange no models)."""
+    return "–" if value is None or math.isnan(value) else f"{value:.1f}"
 
 
 def _seconds(value: float | None) -> str:

@@ -38,3 +38,14 @@ def test_table_has_round_time_and_server_share_averaged_over_rounds_and_seeds(tm
         "| feddf | 60.00 ± 10.00 | 60.00 ± 10.00 | – | – | 2.0 | 2.00 (0.50) |"
         in (tmp_path / "report.md").read_text()
     )
+
+
+def test_an_arm_without_traffic_counts_shows_a_dash_not_nan(tmp_path):
+    """A client-isolated arm's summary has no total_mb (no model is exchanged): the table says "–"."""
+    _arm(tmp_path / "iso", 0.5, [(1.0, 0.0)])
+    summary = json.loads((tmp_path / "iso" / "summary.json").read_text())
+    del summary["total_mb"]
+    (tmp_path / "iso" / "summary.json").write_text(json.dumps(summary))
+    write_report(tmp_path, {"name": "t", "seeds": [0], "arms": {"isolated": {"0": {"dir": "iso"}}}})
+    report = (tmp_path / "report.md").read_text()
+    assert "| isolated | 50.00 | 50.00 | – | – | – | 1.00 (0.00) |" in report and "nan" not in report
