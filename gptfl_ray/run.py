@@ -148,7 +148,7 @@ def step_init_weights(cfg: RunConfig, run_dir: Path, seed: int, data) -> Path:
     return out
 
 
-def step_federate(arm_cfg: RunConfig, out: Path, seed: int, init: Path | None, data) -> dict:
+def step_federate(arm_cfg: RunConfig, out: Path, seed: int, init: Path | None, data, idle) -> dict:
     from gptfl_ray.fl.runner import run_federated
 
     if (out / "summary.json").is_file():
@@ -156,7 +156,9 @@ def step_federate(arm_cfg: RunConfig, out: Path, seed: int, init: Path | None, d
         return read_json(out / "summary.json")
     resume = (out / "checkpoint").is_dir()
     log.info("federate: %s%s", out.name, " (resuming)" if resume else "")
-    return run_federated(arm_cfg, seed=seed, out_dir=out, init_weights=init, resume=resume, data=data)
+    return run_federated(
+        arm_cfg, seed=seed, out_dir=out, init_weights=init, resume=resume, data=data, idle=idle
+    )
 
 
 def fl_dir(
@@ -206,6 +208,7 @@ def run(cfg: RunConfig, run_dir: Path, test: Any = None) -> dict[str, Any]:
     ``run_dir`` may hold an earlier run of the same config (see ``check_resume``): finished steps are reused.
     ``test``: the real test set as model tensors, when the caller has loaded it already.
     """
+    from gptfl_ray.fl.pool import IdleActors
     from gptfl_ray.fl.runner import prepare_federated_data
     from gptfl_ray.pretrain import real_test_tensors
     from gptfl_ray.report import run_accuracy, write_report
@@ -242,18 +245,23 @@ def run(cfg: RunConfig, run_dir: Path, test: Any = None) -> dict[str, Any]:
         }
         data = prepare_federated_data(cfg, seed, cfg.data_dir, synthetic)
         public_key = synthetic.name if cfg.public_data.source == "synthetic" else None
-        for arm, arm_cfg, from_pretrained in arms(cfg):
-            init = weights if from_pretrained else None
-            if arm == PRETRAINED_INIT_ARM:
-                init = step_init_weights(cfg, run_dir, seed, data)
-            out = fl_dir(run_dir, arm, arm_cfg, seed, _init_key(init, weights), public_key)
-            tracker.start_arm(arm, arm_cfg, seed, out)  # a resumed arm logs into the same MLflow run
-            summary = step_federate(arm_cfg, out, seed, init, data)
-            tracker.log_arm(arm, arm_cfg, seed, out)
-            results["arms"].setdefault(arm, {})[str(seed)] = {
-                "dir": str(out.relative_to(run_dir)),
-                "final_accuracy": run_accuracy(summary),  # the isolated control's: its mean client accuracy
-            }
+        # The seed's arms run one after another on the same client actors (started once, reconfigured per arm);
+        # they are stopped before the next seed's pretraining needs the CPUs.
+        with IdleActors() as idle:
+            for arm, arm_cfg, from_pretrained in arms(cfg):
+                init = weights if from_pretrained else None
+                if arm == PRETRAINED_INIT_ARM:
+                    init = step_init_weights(cfg, run_dir, seed, data)
+                out = fl_dir(run_dir, arm, arm_cfg, seed, _init_key(init, weights), public_key)
+                tracker.start_arm(arm, arm_cfg, seed, out)  # a resumed arm logs into the same MLflow run
+                summary = step_federate(arm_cfg, out, seed, init, data, idle)
+                tracker.log_arm(arm, arm_cfg, seed, out)
+                results["arms"].setdefault(arm, {})[str(seed)] = {
+                    "dir": str(out.relative_to(run_dir)),
+                    "final_accuracy": run_accuracy(
+                        summary
+                    ),  # the isolated control's: its mean client accuracy
+                }
     results["wall_time_s"] = time.perf_counter() - t0
     results["resumed"] = resumed
     report = write_report(run_dir, results)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -471,6 +472,40 @@ def test_checkpoint_waits_for_its_evaluation_and_resume_is_exact(tiny_sequential
     assert untimed(read_jsonl(out / "metrics.jsonl")) == untimed(
         read_jsonl(tiny_sequential / "metrics.jsonl")
     )
+
+
+def test_a_later_run_adopts_the_idle_actors_and_matches_fresh_ones(tiny_sequential, tmp_path, caplog):
+    """IdleActors (what `gptfl run` does for the arms of a seed): the second run takes over the first run's
+    actors, rebuilt for another model and strategy, and ends bit-identical to the run on fresh actors; leaving
+    the scope stops them."""
+    import os
+
+    from gptfl_ray.fl.pool import IdleActors
+    from tests.fl_runs import tiny_config
+
+    def pids() -> set[int]:
+        lines = [re.search(r"fl-client-\d+: pid (\d+)", r.getMessage()) for r in caplog.records]
+        found = {int(m.group(1)) for m in lines if m}
+        caplog.clear()
+        return found
+
+    other = tiny_config(
+        {"name": "fedprox", "mu": 0.1}, fl={"num_actors": 2, "rounds": 1}, model={"name": "cnn"}
+    )
+    caplog.clear()
+    with caplog.at_level("INFO", logger="gptfl_ray.fl.pool"), IdleActors() as idle:
+        run_federated(other, seed=3, out_dir=tmp_path / "other", idle=idle)
+        first = pids()
+        run_federated(tiny_cfg(), seed=0, out_dir=tmp_path / "run", on_round=lambda rec: None, idle=idle)
+        assert pids() == first and len(first) == 2
+    assert_same_weights(tmp_path / "run", tiny_sequential)
+    assert untimed(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == untimed(
+        read_jsonl(tiny_sequential / "metrics.jsonl")
+    )
+    deadline = time.time() + 30
+    while any(os.path.exists(f"/proc/{pid}") for pid in first) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in first)
 
 
 def make_sleeper():

@@ -156,6 +156,13 @@ class FLClient:
         self.plain = FedAvg(FedAvg.Params())  # the isolated control trains without algorithm terms
         self.optimizer = make_optimizer([self.flat.param], spec.local.optimizer)
 
+    def reconfigure(self, spec: ClientSpec) -> dict[str, Any]:
+        """Serve another run from now on: this process's object state is rebuilt from ``spec`` as a new actor's
+        would be (nothing of the previous run's stays, mixins' state included). Returns :meth:`info`."""
+        self.__dict__.clear()
+        self.__init__(spec)  # type: ignore[misc]  # the whole MRO's, as at actor creation
+        return self.info()
+
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
         return from_shared(a).to(self.device, non_blocking=True)
 

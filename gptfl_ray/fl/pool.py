@@ -17,6 +17,9 @@ here is without a deadline.
 
 Ray's own actor restarts (``max_restarts``) are not used because they retry a task on the same actor
 handle without telling the server; here every death is visible, logged and counted.
+
+:class:`IdleActors` carries a finished run's actors over to the next run of the same driver scope (the arms of
+one seed in ``gptfl run``): the pool adopts them, reconfigured for its run, instead of starting processes.
 """
 
 from __future__ import annotations
@@ -129,6 +132,48 @@ class _Running:
     started: float  # time.monotonic() at dispatch, or when the task ahead of it on its actor was seen done
 
 
+@dataclass(frozen=True)
+class ActorKind:
+    """What makes a client actor reusable by another run: its class and the resources it holds."""
+
+    cls: type
+    num_cpus: float
+    num_gpus: float
+
+
+class IdleActors:
+    """Client actors between two runs of one driver scope, e.g. the arms of one seed in ``gptfl run``.
+
+    A finished run gives its actors back; the next run takes those of its kind (the pool reconfigures them)
+    and every other idle actor is killed, so none keeps CPUs the new run's actors need. Idle actors hold their
+    resources: use a scope only around consecutive FL runs, with no other Ray work in between. ``close`` (or
+    leaving the ``with`` block) kills what is left."""
+
+    def __init__(self) -> None:
+        self._idle: list[tuple[ActorKind, Any]] = []
+
+    def give(self, kind: ActorKind, actors: list[Any]) -> None:
+        self._idle += [(kind, a) for a in actors]
+
+    def take(self, kind: ActorKind, n: int) -> list[Any]:
+        mine = [a for k, a in self._idle if k == kind][:n]
+        taken = {id(a) for a in mine}
+        for _, a in self._idle:
+            if id(a) not in taken:
+                ray.kill(a, no_restart=True)
+        self._idle = []
+        return mine
+
+    def close(self) -> None:
+        self.take(ActorKind(type(None), 0.0, 0.0), 0)
+
+    def __enter__(self) -> IdleActors:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class ClientPool:
     def __init__(
         self,
@@ -144,7 +189,10 @@ class ClientPool:
         deadlines: TaskDeadlines | None = None,
         start_timeout_s: float = START_TIMEOUT_S,
         depth: int = QUEUE_DEPTH,
+        adopt: list[Any] | None = None,
     ):
+        """``adopt``: running actors of ``actor_cls`` with these resources (from :class:`IdleActors`) that take
+        the first slots, reconfigured for ``spec``; the other slots get new actors."""
         self.spec = spec
         self.depth = depth
         self.peak_depth = 0  # most tasks in flight on one actor so far
@@ -156,7 +204,13 @@ class ClientPool:
         self.start_timeout_s = start_timeout_s
         self._remote_cls = ray.remote(actor_cls)
         self._options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_restarts": 0}
-        self.actors = [self._start(slot, f"fl-client-{slot}") for slot in range(size)]
+        self.kind = ActorKind(actor_cls, num_cpus, num_gpus)
+        adopt = (adopt or [])[:size]
+        # an adopted actor's reconfiguration answers its first call (see wait_ready)
+        self._first_answer: dict[int, Any] = {
+            slot: a.reconfigure.remote(spec) for slot, a in enumerate(adopt)
+        }
+        self.actors = [*adopt, *(self._start(slot, f"fl-client-{slot}") for slot in range(len(adopt), size))]
         self._queue: deque[Task] = deque()
         self._lanes: list[deque[_Running]] = [deque() for _ in range(size)]  # per actor, in its run order
 
@@ -340,8 +394,9 @@ class ClientPool:
 
     def wait_ready(self) -> list[dict[str, Any]]:
         """Block until every actor has built its model (so round 1's time is not actor start-up)."""
+        refs = [self._first_answer.pop(slot, None) or a.info.remote() for slot, a in enumerate(self.actors)]
         try:
-            infos = self.call_all("info")
+            infos = ray.get(refs, timeout=self.start_timeout_s)
         except GetTimeoutError:
             raise RuntimeError(
                 f"client actors not ready after {self.start_timeout_s:g} s "
@@ -362,3 +417,11 @@ class ClientPool:
             ray.kill(a, no_restart=True)
         self.actors, self._lanes = [], []
         self._queue.clear()
+        self._first_answer.clear()
+
+    def release(self) -> list[Any]:
+        """Hand the actors over (to :class:`IdleActors`), leaving the pool empty; nothing may be in flight."""
+        assert not self._queue and not any(self._lanes), "tasks still in flight"
+        actors, self.actors, self._lanes = self.actors, [], []
+        self._first_answer.clear()
+        return actors

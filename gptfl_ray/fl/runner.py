@@ -41,7 +41,7 @@ from gptfl_ray.fl.data import FederatedData, prepare_federated_data
 from gptfl_ray.fl.flat import VectorLayout
 from gptfl_ray.fl.isolated import run_isolated
 from gptfl_ray.fl.metrics import Progress, summarize
-from gptfl_ray.fl.pool import ClientPool, TaskDeadlines, actor_namespace
+from gptfl_ray.fl.pool import ActorKind, ClientPool, IdleActors, TaskDeadlines, actor_namespace
 from gptfl_ray.fl.server import FederatedServer
 from gptfl_ray.fl.strategies import ServerContext, Strategy, build_strategy, strategy_class
 from gptfl_ray.io import (
@@ -90,6 +90,7 @@ def run_federated(
     client_cls: type[FLClient] = FLClient,
     synthetic_dir: Path | None = None,
     on_round_overlaps: bool = False,
+    idle: IdleActors | None = None,
 ) -> dict[str, Any]:
     """Run FL (or the client-isolated control when ``cfg.fl.mode == "isolated"``) into ``out_dir``.
 
@@ -98,7 +99,8 @@ def run_federated(
     may stop the run with no later work begun; that costs the overlap, unless ``on_round_overlaps`` lets it run
     while the next round trains (progress reporting). ``resume`` continues from the last checkpoint in
     ``out_dir`` (from scratch if there is none); ``synthetic_dir``: the generated data, for
-    ``public_data.source: synthetic``. Returns the summary dict.
+    ``public_data.source: synthetic``; ``idle``: client actors of earlier runs to adopt, and where this run's go
+    when it finishes (see ``pool.IdleActors``). Returns the summary dict.
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -125,7 +127,7 @@ def run_federated(
         from gptfl_ray.fl.secure import secure_client_class
 
         client_cls = secure_client_class(client_cls)
-    workers = LazyPool(cfg, data, out_dir, client_cls)
+    workers = LazyPool(cfg, data, out_dir, client_cls, idle)
     try:
         if cfg.fl.mode == "isolated":
             x = VectorLayout.of(model).to_vector(model.state_dict())
@@ -149,6 +151,7 @@ def run_federated(
                 on_round_overlaps=on_round_overlaps,
             )
         atomic_write_json(out_dir / "summary.json", summary)
+        workers.close(finished=True)
         return summary
     finally:
         workers.close()
@@ -157,8 +160,16 @@ def run_federated(
 class LazyPool:
     """The run's client actors (and Ray itself), started on first use: a finished run resumes instantly."""
 
-    def __init__(self, cfg: RunConfig, data: FederatedData, out_dir: Path, client_cls: type[FLClient]):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        data: FederatedData,
+        out_dir: Path,
+        client_cls: type[FLClient],
+        idle: IdleActors | None = None,
+    ):
         self.cfg, self.data, self.out_dir, self.client_cls = cfg, data, out_dir, client_cls
+        self.idle = idle  # where the actors come from and go back to, when the caller keeps them
         self.on_event = _event_log(out_dir / "events.jsonl")
         self.pool: ClientPool | None = None
         self.ready = False
@@ -194,9 +205,11 @@ class LazyPool:
                 strategy_class=strategy_class(fl.strategy.name),
                 models=plugin_models([client_model.name, cfg.model.name]),
             )
+            kind = ActorKind(self.client_cls, fl.actor_num_cpus, fl.actor_num_gpus)
             self.pool = ClientPool(
                 spec,
                 fl.num_actors,
+                adopt=self.idle.take(kind, fl.num_actors) if self.idle is not None else None,
                 num_cpus=fl.actor_num_cpus,
                 num_gpus=fl.actor_num_gpus,
                 namespace=actor_namespace(self.out_dir),
@@ -207,9 +220,13 @@ class LazyPool:
             )
         return self.pool
 
-    def close(self) -> None:
+    def close(self, finished: bool = False) -> None:
+        """Stop the actors, or give them to ``idle`` when the run ``finished`` (nothing in flight)."""
         if self.pool is not None:
-            self.pool.shutdown()
+            if finished and self.idle is not None and not self.started_ray:
+                self.idle.give(self.pool.kind, self.pool.release())
+            else:
+                self.pool.shutdown()
             self.pool, self.ready = None, False
         if self.started_ray:
             ray.shutdown()
