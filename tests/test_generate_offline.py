@@ -83,6 +83,39 @@ def test_font_screen_keeps_text_fonts_and_drops_symbol_and_fallback_fonts():
     assert len(fonts) >= 20
 
 
+def test_font_screen_is_cached_on_disk_keyed_by_the_font_files(tmp_path, monkeypatch):
+    """A second process (here: a cleared in-memory cache) reads the screening from disk; a changed font file
+    is screened again."""
+    import os
+    import shutil
+
+    import matplotlib
+
+    import gptfl_ray.generate.image_glyphs as glyphs
+
+    monkeypatch.setenv("GPTFL_CACHE_DIR", str(tmp_path / "cache"))
+    fonts = tmp_path / "fonts"
+    fonts.mkdir()
+    for name in ("DejaVuSans.ttf", "DejaVuSerif.ttf", "cmsy10.ttf"):
+        shutil.copy(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / name, fonts)
+    glyphs.usable_fonts.cache_clear()
+    screened = usable_fonts(DIGITS, (str(fonts),))
+    assert {Path(p).name for ps in screened.values() for p in ps} == {"DejaVuSans.ttf", "DejaVuSerif.ttf"}
+    assert len(list((tmp_path / "cache" / "fonts").glob("*.json"))) == 1
+
+    def no_screening(*args):
+        raise AssertionError("screened again")
+
+    monkeypatch.setattr(glyphs, "_screen_fonts", no_screening)
+    glyphs.usable_fonts.cache_clear()
+    assert usable_fonts(DIGITS, (str(fonts),)) == screened
+    os.utime(fonts / "cmsy10.ttf", ns=(0, 0))  # another file under the same name
+    glyphs.usable_fonts.cache_clear()
+    with pytest.raises(AssertionError, match="screened again"):
+        usable_fonts(DIGITS, (str(fonts),))
+    glyphs.usable_fonts.cache_clear()
+
+
 def test_glyphs_are_mnist_like_varied_and_deterministic_per_seed():
     gen = GlyphImageGenerator(GenerateConfig(), MNIST)
     labels = [7] * 12

@@ -10,6 +10,9 @@ that miss a character, draw nothing, or draw a glyph closer to another label's g
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -22,10 +25,13 @@ from gptfl_ray.config import ConfigError
 from gptfl_ray.generate.base import Generator, GeneratorOptions, encode_png
 from gptfl_ray.generate.registry import register
 
+log = logging.getLogger(__name__)
+
 SCREEN_SIZE = 28  # resolution at which fonts are screened
 REFERENCE_FONT = "DejaVuSans.ttf"  # bundled with matplotlib, so present wherever this package installs
 MIN_SIMILARITY = 0.45  # glyph vs reference glyph correlation accepted even when not the best match
 MIN_PASS_FRACTION = 0.8
+FONT_CACHE_VERSION = 1  # bump when the screening changes what it accepts
 
 
 class GlyphOptions(GeneratorOptions):
@@ -282,13 +288,49 @@ def usable_fonts(texts: tuple[str, ...], extra: tuple[str, ...] = ()) -> dict[st
     fewer than ``MIN_PASS_FRACTION`` of the labels is no text font for this label set (symbol fonts that
     map digits to delimiters, fallback fonts that draw boxes) and is dropped entirely; otherwise it is used
     for the labels it passes (a TeX italic "4" that looks like nothing else is left out, its "7" is kept).
+
+    The screening (~2 s) would repeat in every generator actor: its result is cached on disk
+    (``paths.cache_dir()``), keyed by the texts, every candidate and the reference font file (path, size,
+    mtime), the thresholds and ``FONT_CACHE_VERSION``.
     """
     import matplotlib
 
+    from gptfl_ray.io import atomic_write_json, read_json
+    from gptfl_ray.paths import cache_dir
+
     reference = str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / REFERENCE_FONT)
+    candidates = candidate_fonts(extra)
+    cached = cache_dir() / "fonts" / f"{_font_cache_key(texts, reference, candidates)}.json"
+    if cached.is_file():
+        try:
+            usable = read_json(cached)
+            if list(usable) == list(texts) and all(isinstance(v, list) for v in usable.values()):
+                return usable
+        except (OSError, ValueError) as err:
+            log.warning("%s: unreadable font cache (%s); screening again", cached, err)
+    usable = _screen_fonts(texts, reference, candidates)
+    try:
+        atomic_write_json(cached, usable)
+    except OSError as err:  # a read-only home or a full disk costs speed, never the run
+        log.warning(
+            "cannot write the font cache %s (%s); set GPTFL_CACHE_DIR to a writable folder", cached, err
+        )
+    return usable
+
+
+def _font_cache_key(texts: tuple[str, ...], reference: str, candidates: list[str]) -> str:
+    files = []
+    for path in [reference, *candidates]:
+        st = Path(path).stat()
+        files.append([path, st.st_size, st.st_mtime_ns])
+    settings = [FONT_CACHE_VERSION, SCREEN_SIZE, MIN_SIMILARITY, MIN_PASS_FRACTION, list(texts), files]
+    return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:24]
+
+
+def _screen_fonts(texts: tuple[str, ...], reference: str, candidates: list[str]) -> dict[str, list[str]]:
     ref = np.stack([_screen_image(t, reference) for t in texts])
     usable: dict[str, list[str]] = {t: [] for t in texts}
-    for path in candidate_fonts(extra):
+    for path in candidates:
         if not _has_chars(path, texts):
             continue
         imgs = np.stack([_screen_image(t, path) for t in texts])
