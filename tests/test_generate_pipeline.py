@@ -6,11 +6,15 @@ import argparse
 import io
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -18,7 +22,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from gptfl_ray.config import validate_config
+from gptfl_ray.config import RunConfig, validate_config
 from gptfl_ray.data.features import input_shape
 from gptfl_ray.data.registry import load_dataset
 from gptfl_ray.data.synthetic import load_synthetic, read_manifest, synthetic_ray_dataset
@@ -54,19 +58,57 @@ def shard_stats(out: Path) -> dict[str, tuple[int, int]]:
     }
 
 
-def test_glyph_pipeline_writes_shards_manifest_and_reads_back(ray_session, tmp_path, data_dir):
-    # prompts.scale: samples per class = scale × the real class counts (the only case that loads data).
-    cfg = validate_config(
+def scale_cfg(**generate_opts):
+    """prompts.scale: samples per class = scale × the real class counts (the only case that loads data)."""
+    return validate_config(
         {
             "data": {"dataset": "mnist"},
             "prompts": {"scale": 0.003},
-            "generate": {"generator": "glyphs", "rows_per_shard": 10, "batch_size": 4, "concurrency": 2},
+            "generate": {"generator": "glyphs", "rows_per_shard": 10, "batch_size": 4, "concurrency": 2}
+            | generate_opts,
         }
     )
+
+
+@dataclass(frozen=True)
+class GlyphRun:
+    """One finished glyph generation, shared by the tests of this module: read ``out``, copy it to change it."""
+
+    cfg: RunConfig
+    out: Path
+    manifest: dict[str, Any]
+    failed_first: str | None  # the ValueError of an attempt with invalid templates made in ``out`` before
+
+
+@pytest.fixture(scope="module")
+def glyph_run(ray_session, data_dir, tmp_path_factory) -> GlyphRun:
+    """The module's one full glyph generation (a Ray Data job with its actor pool: the costly part).
+
+    :func:`scale_cfg`; batches of 4 cut shards of 10 rows off the multiples of 4 (shard 1: rows 10, 14, 18).
+    Into the same folder an attempt with invalid templates is made first: it must fail (the error is kept for
+    the test that checks it) and leave nothing that blocks the run that follows.
+    """
+    cfg = scale_cfg()
+    out = tmp_path_factory.mktemp("glyph-run") / "syn"
+    bad = cfg.model_copy(update={"prompts": cfg.prompts.model_copy(update={"templates": ["a photo"]})})
+    failed_first = None
+    try:
+        generate(bad, out, data_dir=data_dir)
+    except ValueError as err:
+        failed_first = str(err)
+    manifest = generate(cfg, out, data_dir=data_dir)
+    return GlyphRun(cfg, out, manifest, failed_first)
+
+
+def copy_run(run: GlyphRun, dst: Path) -> Path:
+    """A private copy of the shared folder (new files: new inodes and mtimes)."""
+    return Path(shutil.copytree(run.out, dst))
+
+
+def test_glyph_pipeline_writes_shards_manifest_and_reads_back(glyph_run, tmp_path, data_dir):
+    cfg, out, manifest = glyph_run.cfg, glyph_run.out, glyph_run.manifest
     real = load_dataset(cfg.data, data_dir).train.class_counts()
     expected = [max(1, round(0.003 * c)) for c in real]
-    out = tmp_path / "syn"
-    manifest = generate(cfg, out, data_dir=data_dir)
 
     assert manifest["complete"] is True
     assert manifest["counts_per_class"] == expected
@@ -90,10 +132,11 @@ def test_glyph_pipeline_writes_shards_manifest_and_reads_back(ray_session, tmp_p
     img = np.asarray(Image.open(io.BytesIO(rows[0]["image"])))
     assert img.shape == (28, 28) and img.dtype == np.uint8
 
-    # A rerun of a finished folder changes nothing.
-    before = shard_stats(out)
-    assert generate(cfg, out, data_dir=data_dir) == manifest
-    assert shard_stats(out) == before
+    # A rerun of a finished folder changes nothing (on a copy: the shared folder is never written).
+    again = copy_run(glyph_run, tmp_path / "again")
+    before = shard_stats(again)
+    assert generate(cfg, again, data_dir=data_dir) == manifest
+    assert shard_stats(again) == before
 
     ds = load_synthetic(out, cfg.data)
     assert ds.x.shape == (sum(expected), 28, 28) and ds.x.dtype == np.uint8
@@ -129,11 +172,13 @@ def test_speech_pipeline_writes_audio_at_the_task_rate(ray_session, tmp_path):
 def test_interrupted_run_resumes_without_redoing_finished_shards(ray_session, tmp_path):
     """Kill `gptfl generate` (SIGKILL, no cleanup) once some shards exist; a rerun finishes the rest."""
     address = ray_session.get_runtime_context().gcs_address
+    # 24 shards of 15 rows on one actor: the kill lands while 22 shards (330 glyphs, seconds of rendering) are
+    # still to make, and the rerun renders only those (the run's cost, beyond its fixed start-up).
     raw = {
         "ray_address": address,
         "data": {"dataset": "mnist"},
-        "prompts": {"num_per_class": 120},
-        "generate": {"generator": "glyphs", "rows_per_shard": 50, "batch_size": 10, "concurrency": 1},
+        "prompts": {"num_per_class": 36},
+        "generate": {"generator": "glyphs", "rows_per_shard": 15, "batch_size": 10, "concurrency": 1},
     }
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
@@ -165,43 +210,36 @@ def test_interrupted_run_resumes_without_redoing_finished_shards(ray_session, tm
     after = shard_stats(out)
     assert len(after) == 24
     assert {k: after[k] for k in before} == before  # finished shards were not rewritten
-    assert manifest["counts_per_class"] == [120] * 10
+    assert manifest["counts_per_class"] == [36] * 10
     rows = np.concatenate(
         [pq.read_table(f, columns=["row"])["row"].to_numpy() for f in sorted((out / "shards").glob("*"))]
     )
-    assert np.array_equal(rows, np.arange(1200))
+    assert np.array_equal(rows, np.arange(360))
     assert not list((out / "shards").glob(".*tmp"))
 
 
-def test_resume_after_deleting_one_shard_regenerates_only_it_bit_identically(ray_session, tmp_path, caplog):
-    cfg = validate_config(
-        {
-            "data": {"dataset": "mnist"},
-            "prompts": {"num_per_class": 10},
-            "generate": {"generator": "glyphs", "rows_per_shard": 8, "batch_size": 3},
-        }
-    )
-    out = tmp_path / "syn"
-    names = ["0", "1", "2"]  # 30 rows: shards of 8, 8, 8, 6 rows, batches cut at 0, 3, 6 within each
-    manifest = generate(cfg, out, label_names=names)
-    files = sorted((out / "shards").glob("*.parquet"))
-    assert [f.name for f in files] == [f"part-{k:05d}.parquet" for k in range(4)]
-    content = {f.name: f.read_bytes() for f in files}
+def test_resume_after_deleting_one_shard_regenerates_only_it_bit_identically(glyph_run, tmp_path, caplog):
+    cfg, manifest = glyph_run.cfg, glyph_run.manifest
+    # Shard 1: rows 10-19, cut into batches at rows 10, 14 and 18 (batch_size 4), not at multiples of 4.
+    assert (cfg.generate.rows_per_shard, cfg.generate.batch_size) == (10, 4) and manifest["num_rows"] > 20
+    out = copy_run(glyph_run, tmp_path / "syn")
+    content = {f.name: f.read_bytes() for f in sorted((glyph_run.out / "shards").glob("*.parquet"))}
     before = shard_stats(out)
+    assert sorted(before) == sorted(content)
     (out / "manifest.json").unlink()
-    (out / "shards" / "part-00002.parquet").unlink()
+    (out / "shards" / "part-00001.parquet").unlink()
     caplog.clear()  # the first run's lines too are captured when an earlier test left logging at INFO
     with caplog.at_level("INFO", logger="gptfl_ray.generate.pipeline"):
-        assert generate(cfg, out, label_names=names) == manifest
+        assert generate(cfg, out) == manifest
     after = shard_stats(out)
-    assert {k: v for k, v in after.items() if k != "part-00002.parquet"} == {
-        k: v for k, v in before.items() if k != "part-00002.parquet"
+    assert {k: v for k, v in after.items() if k != "part-00001.parquet"} == {
+        k: v for k, v in before.items() if k != "part-00001.parquet"
     }  # the others were not rewritten
-    assert after["part-00002.parquet"] != before["part-00002.parquet"]
+    assert after["part-00001.parquet"] != before["part-00001.parquet"]
     assert {f.name: f.read_bytes() for f in sorted((out / "shards").glob("*.parquet"))} == content
     wrote = [r.getMessage() for r in caplog.records if r.getMessage().startswith("generate: wrote part-")]
     assert len(wrote) == 1 and wrote[0].startswith(
-        "generate: wrote part-00002.parquet (8 rows; 1/1 this run)"
+        "generate: wrote part-00001.parquet (10 rows; 1/1 this run)"
     )
 
 
@@ -243,33 +281,40 @@ def test_generator_actors_write_shards_and_return_only_metadata(ray_session, tmp
         assert set(shard.column_names) >= IMAGE_COLUMNS  # the samples are in the file, not in the record
 
 
-def test_folder_of_another_config_is_refused(ray_session, tmp_path):
-    out = tmp_path / "syn"
-    bad = mnist_cfg().model_copy(
-        update={"prompts": mnist_cfg().prompts.model_copy(update={"templates": ["a photo"]})}
-    )
-    with pytest.raises(ValueError, match="prompts.templates"):
-        generate(bad, out, label_names=["0", "1"])
-    generate(mnist_cfg(), out, label_names=["0", "1"])  # the failed attempt left nothing to protect
+def test_folder_of_another_config_is_refused(glyph_run, tmp_path, data_dir):
+    # The module's run was preceded, in its folder, by an attempt with invalid templates: that one failed on
+    # the config, and left nothing to protect (the run that followed completed there).
+    assert glyph_run.failed_first is not None and re.search("prompts.templates", glyph_run.failed_first)
+    assert read_manifest(glyph_run.out) == glyph_run.manifest and glyph_run.manifest["complete"] is True
+    out = copy_run(glyph_run, tmp_path / "syn")
     with pytest.raises(ValueError, match="another config"):
-        generate(mnist_cfg(rows_per_shard=5), out, label_names=["0", "1"])
+        generate(scale_cfg(rows_per_shard=5), out, data_dir=data_dir)
 
 
-def test_generate_command_reads_labels_file_and_defaults_the_output(ray_session, tmp_path, capsys):
-    cfg = mnist_cfg().model_copy(update={"output_dir": tmp_path})
+def test_generate_command_reads_labels_file_and_defaults_the_output(glyph_run, tmp_path, capsys):
+    cfg = glyph_run.cfg.model_copy(update={"output_dir": tmp_path})
+    out = tmp_path / f"synthetic-{synthetic_hash(cfg)}"
+    # The default output already holds this config's finished generation for the dataset's labels in the
+    # dataset's order (a copy of the module's run): `generate` accepts it for that config and label list only
+    # (else "holds synthetic data for another config or label set"), and generates nothing.
+    copy_run(glyph_run, out)
     labels = tmp_path / "labels.json"
     # The collected union in arbitrary order: put back in the dataset's order (label i = digit i).
     labels.write_text(json.dumps({"labels": [str(i) for i in reversed(range(10))]}))
     args = argparse.Namespace(cfg=cfg, output=None, labels=str(labels), data_dir=None)
     assert generate_command(args) == 0
-    out = tmp_path / f"synthetic-{synthetic_hash(cfg)}"
     manifest = read_manifest(out)
     assert manifest["label_names"] == [str(i) for i in range(10)]
-    assert str(out) in capsys.readouterr().out
+    counts = ", ".join(f"{i}: {c}" for i, c in enumerate(manifest["counts_per_class"]))
+    assert f"{out}: {manifest['num_rows']} samples ({counts}); 0 prompt fallbacks" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([labels.name, out.name])  # nothing elsewhere
 
+    # A subset keeps the file's order; --output is where it is generated (a real run, 6 glyphs).
     subset = tmp_path / "subset.json"
     subset.write_text(json.dumps({"labels": ["7", "2"]}))
-    args = argparse.Namespace(cfg=cfg, output=str(tmp_path / "sub"), labels=str(subset), data_dir=None)
+    args = argparse.Namespace(
+        cfg=mnist_cfg(), output=str(tmp_path / "sub"), labels=str(subset), data_dir=None
+    )
     assert generate_command(args) == 0
     assert read_manifest(tmp_path / "sub")["label_names"] == ["7", "2"]
 
@@ -347,8 +392,14 @@ def test_llm_expanded_prompts_and_fallbacks_flow_into_shards(ray_session, tmp_pa
         else:
             assert word in prompt and prompt != f"a photo of a {word}"
     prompts_before = pq.read_table(out / "prompts.parquet")["prompt"].to_pylist()
+    kept = (out / "prompts.parquet").stat()
     (out / "manifest.json").unlink()
     for f in list((out / "shards").glob("*.parquet"))[:2]:
         f.unlink()
     assert generate(cfg, out, label_names=["7", "3"]) == manifest
     assert pq.read_table(out / "prompts.parquet")["prompt"].to_pylist() == prompts_before
+    now = (out / "prompts.parquet").stat()
+    assert (now.st_ino, now.st_mtime_ns) == (kept.st_ino, kept.st_mtime_ns)  # not rewritten: not re-expanded
+    again = pq.read_table(sorted((out / "shards").glob("*.parquet")))
+    for column in ("row", "prompt", "expansion_fallback"):  # the regenerated shards carry the kept prompts
+        assert again[column].to_pylist() == table[column].to_pylist()
