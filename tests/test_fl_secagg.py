@@ -1,11 +1,17 @@
-"""FL with ``fl.secure_aggregation: true``: fixed-point codec, config rules, real MNIST runs on Ray actors (one
-plain-vs-secure equivalence run, the failure paths, resume), and each strategy's server update on the secure mean
-versus the plain one, in-process (no Ray).
+"""FL with ``fl.secure_aggregation: true``: fixed-point codec, config rules, real MNIST runs on Ray actors, and
+each strategy's server update on the secure mean versus the plain one, in-process (no Ray).
+
+Six Ray runs in all: a plain and a secure FedAdam run (module fixtures: the secure one is both the plain-vs-secure
+equivalence arm and the uninterrupted reference of the resume test), the interrupted and resumed secure run, the
+actor death SecAgg recovers from, and one run shared by the two other failure-path tests (round 1: SecAgg
+aborted; round 2: NaN withheld, norms clipped). Starting client actors is most of a small run's cost: a run
+that follows a finished one adopts its actors (``Runs``), so in file order the six runs start 6 actor processes
+(2 of them replacements of the killed ones), not 14.
 
 The Ray tests watch the server side from the driver: every client task result, every masked vector the
-SecAgg server receives, and every secure sum. A test client class additionally records, inside its actor,
-the plaintext encodings it masked, so the tests can check that the server never received one and that the
-secure sum is exactly the sum of the included clients' plaintexts.
+SecAgg server receives, every secure sum, and the global weights before and after each round. A test client
+class additionally records, inside its actor, the plaintext encodings it masked, so the tests can check that
+the server never received one and that the secure sum is exactly the sum of the included clients' plaintexts.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,10 +31,10 @@ from gptfl_ray.config import ConfigError, FLConfig, validate_config
 from gptfl_ray.fl import secure
 from gptfl_ray.fl.client import ClientSpec, FLClient, task_seed
 from gptfl_ray.fl.flat import VectorLayout
-from gptfl_ray.fl.pool import ClientPool
+from gptfl_ray.fl.pool import ClientPool, IdleActors
 from gptfl_ray.fl.runner import check_fl_config, prepare_federated_data, run_federated, server_context
 from gptfl_ray.fl.secure import SecureFLClient, UpdateCodec, secure_client_class
-from gptfl_ray.fl.server import RoundSum, aggregation_for, sample_clients
+from gptfl_ray.fl.server import FederatedServer, RoundSum, aggregation_for, sample_clients
 from gptfl_ray.io import load_weights, read_jsonl, save_weights
 from gptfl_ray.labels.ring import Ring
 from gptfl_ray.labels.secagg import SecAggServer, secure_sum_local
@@ -185,9 +192,10 @@ def test_cli_rejects_scaffold_in_one_line(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------ Ray runs
-def recording_client(dump: Path, die_round: int | None = None):
-    """SecureFLClient that records (test only) the plaintext it masks; optionally the actor holding
-    participant 0 of ``die_round`` dies after key sharing, at the masked-input stage."""
+def recording_client(dump: Path, die: Path):
+    """SecureFLClient that records (test only) the plaintext it masks into ``dump``; while the file ``die`` holds
+    a round number, the actor holding participant 0 of that round dies after key sharing, at the masked-input
+    stage (read at that moment: the same actors serve runs with and without a death)."""
 
     class RecordingClient(SecureFLClient):
         def secagg_vector(self, cid, round_id):
@@ -197,7 +205,7 @@ def recording_client(dump: Path, die_round: int | None = None):
             return v
 
         def secagg_masked_input(self, params, inboxes):
-            if params.round_id == die_round and 0 in inboxes:
+            if die.is_file() and params.round_id == int(die.read_text()) and 0 in inboxes:
                 os._exit(1)
             return super().secagg_masked_input(params, inboxes)
 
@@ -205,14 +213,17 @@ def recording_client(dump: Path, die_round: int | None = None):
 
 
 class ServerSpy:
-    """Everything the driver (server) receives: task results, masked vectors, secure sums."""
+    """Everything the driver (server) receives: task results, masked vectors, secure sums; and the global weights
+    before and after each round (``weights[round]``)."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
         self.results: list[dict] = []
         self.masked: dict[tuple[int, int], np.ndarray] = {}
         self.sums: dict[int, object] = {}
+        self.weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         spy = self
         run, add, secure_sum = ClientPool.run, SecAggServer.add_masked_input, secure.secure_sum
+        finish_round = FederatedServer.finish_round
 
         def spy_run(pool, tasks, retries):
             for out in run(pool, tasks, retries):
@@ -229,9 +240,15 @@ class ServerSpy:
             spy.sums[round_id] = result
             return result
 
+        def spy_finish(server, tasks):
+            x, rec = finish_round(server, tasks)
+            spy.weights[tasks.rnd] = (tasks.x.clone(), x.clone())
+            return x, rec
+
         monkeypatch.setattr(ClientPool, "run", spy_run)
         monkeypatch.setattr(SecAggServer, "add_masked_input", spy_add)
         monkeypatch.setattr(secure, "secure_sum", spy_sum)
+        monkeypatch.setattr(FederatedServer, "finish_round", spy_finish)
 
     def check_no_plaintext(self, dump: Path, ring: Ring) -> None:
         """No task result carries a vector; no masked vector resembles its plaintext; each secure sum is
@@ -245,170 +262,241 @@ class ServerSpy:
             assert not np.array_equal(result.total, ring.sum([self.masked[(rnd, p)] for p in plain]))
 
 
+@dataclass
+class Run:
+    """A ``run_federated`` call: its folder and summary, the spy that watched it and the plaintext encodings its
+    clients recorded (``dump``)."""
+
+    out: Path
+    summary: dict | None
+    spy: ServerSpy
+    dump: Path
+
+    @property
+    def metrics(self) -> list[dict]:
+        return read_jsonl(self.out / "metrics.jsonl")
+
+    @property
+    def events(self) -> list[dict]:
+        return read_jsonl(self.out / "events.jsonl")
+
+    @property
+    def final(self) -> dict[str, torch.Tensor]:
+        return load_weights(self.out / "final.safetensors")
+
+
+class Runs:
+    """Every Ray run of this module: watched by a :class:`ServerSpy`, on client actors of one class that record
+    their plaintexts (``recording_client``), taken over from the previous run when it finished (``IdleActors``:
+    adopted and rebuilt for the new run, as the arms of a seed in ``gptfl run`` are) instead of a new pool of
+    processes each time."""
+
+    def __init__(self, root: Path, idle: IdleActors):
+        self.root, self.idle = root, idle
+        self.inbox, self.die = root / "inbox", root / "die-round"
+        self.inbox.mkdir()
+        self.client_cls = recording_client(self.inbox, self.die)
+        self.done = 0
+
+    def run(self, cfg, data, out: Path, *, die_round: int | None = None, **kwargs) -> Run:
+        """``run_federated(cfg, seed=0, out_dir=out, data=data, **kwargs)``, the actor hosting participant 0 of
+        ``die_round`` dying after key sharing; the plaintexts its clients recorded are moved to a folder of their
+        own (``Run.dump``), also when the run raises."""
+        self.done += 1
+        dump = self.root / f"dump-{self.done}"
+        if die_round is not None:
+            self.die.write_text(str(die_round))
+        summary = None
+        try:
+            with pytest.MonkeyPatch.context() as mp:
+                spy = ServerSpy(mp)
+                summary = run_federated(
+                    cfg, seed=0, out_dir=out, data=data, client_cls=self.client_cls, idle=self.idle, **kwargs
+                )
+        finally:
+            self.die.unlink(missing_ok=True)
+            self.inbox.rename(dump)  # runs are sequential: everything there is this run's
+            self.inbox.mkdir()
+        return Run(out, summary, spy, dump)
+
+
+@pytest.fixture(scope="module")
+def runs(ray_session, tmp_path_factory):
+    """The module's :class:`Runs`; leaving the module stops the idle actors (they hold the session's CPUs:
+    every Ray run here goes through this)."""
+    with IdleActors() as idle:
+        yield Runs(tmp_path_factory.mktemp("clients"), idle)
+
+
+# FedAdam: server optimizer state, which the resume test needs in the checkpoint; 4 rounds so that the interrupted
+# run (stopped after round 3, checkpoint at round 2) has a round to redo and one still to run.
+FEDADAM = {"strategy": {"name": "fedadam", "server_lr": 0.01}, "rounds": 4, "checkpoint_every": 2}
+
+
 @pytest.fixture(scope="module")
 def small_data(data_dir):
     return prepare_federated_data(small_cfg(), seed=0)
 
 
-def test_secure_fedavg_matches_plain_on_mnist(ray_session, data_dir, tmp_path, monkeypatch):
-    """Acceptance, the one Ray end-to-end equivalence run: plain and secure FedAvg from the same seed learn the
+@pytest.fixture(scope="module")
+def plain_fedadam(runs, small_data, tmp_path_factory) -> Run:
+    """The plain arm of the equivalence test: ``small_cfg(**FEDADAM)`` without secure aggregation, seed 0 (the
+    recording client class only adds to the secure protocol, which a plain run never calls)."""
+    cfg = small_cfg(**FEDADAM, secure_aggregation=False)
+    return runs.run(cfg, small_data, tmp_path_factory.mktemp("plain") / "run")
+
+
+@pytest.fixture(scope="module")
+def secure_fedadam(runs, small_data, tmp_path_factory) -> Run:
+    """``small_cfg(**FEDADAM)`` (secure), seed 0, uninterrupted: the secure arm of the equivalence test and the
+    reference of the resume test. Read-only."""
+    return runs.run(small_cfg(**FEDADAM), small_data, tmp_path_factory.mktemp("secure") / "run")
+
+
+def test_secure_fedadam_matches_plain_on_mnist(plain_fedadam, secure_fedadam):
+    """Acceptance, the one Ray end-to-end equivalence run: plain and secure FedAdam from the same seed learn the
     same model (accuracy, loss, weights), the server never holds a plaintext (masked vectors only; each secure
     sum is exactly the included plaintexts' ring sum), and the protocol traffic is counted in the bytes.
-    20 Dirichlet(0.5) clients of 3,000 real MNIST images, 10 per round, 3 rounds, seed 0.
+    10 Dirichlet(0.5) clients of 2,000 real MNIST images, 5 per round, 4 rounds, seed 0: the resume test's
+    config, whose uninterrupted run is this secure arm. Each strategy's server update on the secure mean (FedAvg's
+    among them) is compared with the plain one in-process below.
 
-    Measured (seed 0): accuracy 0.383 / 0.394 / 0.586 on 1,000 held-out images in *both* arms (identical),
-    train loss equal to 1e-7 relative, max |weight difference| after 3 rounds 3e-8 (float32 summation order
-    vs exact ring sum + fixed point; 1e-4 in a 4,000-image variant, where local SGD amplified it more).
-    Per-round fixed-point bound ~5e-9. Tolerances asserted: 0.01 accuracy, 1e-4 loss, 1e-3 weights.
+    Measured (seed 0): accuracy 0.150 / 0.374 / 0.520 / 0.630 on 500 held-out images in *both* arms
+    (identical), train loss equal to 8e-8 relative, max |weight difference| after 4 rounds 6e-8 while the run
+    moved the weights by up to 4e-2. Per-round fixed-point bound ~3e-9.
+    Tolerances asserted: 0.01 accuracy, 1e-4 loss, 1e-3 weights.
     """
-    raw = {
-        "data": {"dataset": "mnist", "test_split": "holdout", "num_test": 1000, "num_train": 3000},
-        "partition": {"method": "dirichlet", "num_clients": 20, "alpha": 0.5},
-        "model": {"name": "cnn"},
-        "fl": {"rounds": 3, "clients_per_round": 10, "checkpoint_every": 0, "local": LOCAL, "num_actors": 2},
-    }
-    plain_cfg = validate_config(raw)
-    raw["fl"]["secure_aggregation"] = True
-    secure_cfg = validate_config(raw)
-    data = prepare_federated_data(plain_cfg, seed=0)
-    plain = run_federated(plain_cfg, seed=0, out_dir=tmp_path / "plain", data=data)
+    plain, sec = plain_fedadam, secure_fedadam
+    spy = sec.spy
+    spy.check_no_plaintext(sec.dump, Ring.bits(32))
+    assert sorted(spy.sums) == [1, 2, 3, 4]
 
-    dump = tmp_path / "dump"
-    dump.mkdir()
-    spy = ServerSpy(monkeypatch)
-    sec = run_federated(
-        secure_cfg, seed=0, out_dir=tmp_path / "secure", data=data, client_cls=recording_client(dump)
-    )
-    spy.check_no_plaintext(dump, Ring.bits(32))
-    assert sorted(spy.sums) == [1, 2, 3]
-
-    p_recs, s_recs = (
-        read_jsonl(tmp_path / "plain" / "metrics.jsonl"),
-        read_jsonl(tmp_path / "secure" / "metrics.jsonl"),
-    )
-    assert plain["final_accuracy"] > max(0.5, p_recs[0]["accuracy"] + 0.1)  # it learned (chance: 0.1)
+    p_recs, s_recs = plain.metrics, sec.metrics
+    assert plain.summary["final_accuracy"] > max(0.5, p_recs[0]["accuracy"] + 0.1)  # it learned (chance: 0.1)
     for p, s in zip(p_recs, s_recs, strict=True):
         assert abs(p["accuracy"] - s["accuracy"]) <= 0.01
         assert s["train_loss"] == pytest.approx(p["train_loss"], rel=1e-4)
-        assert s["num_updates"] == 10 and not s["skipped"] and s["grad_diversity"] is None
+        assert s["num_updates"] == 5 and not s["skipped"] and s["grad_diversity"] is None
         info = s["secagg"]
-        assert info["included"] == info["participants"] == 10 and info["threshold"] == 6
+        assert info["included"] == info["participants"] == 5 and info["threshold"] == 3
         assert info["max_quant_error"] < 1e-7 and info["clipped_fraction"] == 0
         # uplink = everything clients sent in the protocol; the masked vectors are uint32 ring elements
-        assert info["bytes_in"]["masked_input"] == 10 * 4 * info["vector_len"]
+        assert info["bytes_in"]["masked_input"] == 5 * 4 * info["vector_len"]
         assert s["bytes_up"] == sum(info["bytes_in"].values()) > p["bytes_up"]
         assert s["bytes_down"] == p["bytes_down"] + sum(info["bytes_out"].values())
-    wp, ws = (
-        load_weights(tmp_path / "plain" / "final.safetensors"),
-        load_weights(tmp_path / "secure" / "final.safetensors"),
-    )
+    wp, ws = plain.final, sec.final
     assert max(float((wp[k] - ws[k]).abs().max()) for k in wp) < 1e-3
-    assert sec["final_accuracy"] == pytest.approx(plain["final_accuracy"], abs=0.01)
-
-
-def test_actor_death_after_key_sharing_is_recovered(ray_session, small_data, tmp_path, monkeypatch):
-    """The actor hosting participant 0 dies at the masked-input stage of round 1: the survivors' sum is
-    applied (threshold 20 %, opted in below a majority: at least 2 of 10 must survive) and is exactly their
-    plaintexts' ring sum, the dropout and the death are logged, the dead actor is replaced, and round 2 runs
-    with every client (2 rounds: the fewest that show the replacement serving)."""
-    dump = tmp_path / "dump"
-    dump.mkdir()
-    spy = ServerSpy(monkeypatch)
-    cfg = small_cfg(
-        clients_per_round=10,
-        secagg_threshold=0.2,
-        secagg_allow_minority_threshold=True,
-        min_clients_fraction=0.2,
-    )
-    run_federated(
-        cfg, seed=0, out_dir=tmp_path / "run", data=small_data, client_cls=recording_client(dump, 1)
-    )
-    r1, r2 = read_jsonl(tmp_path / "run" / "metrics.jsonl")
-    lost = spy.sums[1].dropped
-    assert 0 in lost and 1 <= len(lost) <= 8, lost  # the victim hosted participant 0 (and some others)
-    assert not r1["skipped"] and r1["num_updates"] == 10 - len(lost)
-    assert r1["secagg"]["dropped_clients"] == [r1["sampled"][p] for p in lost]
-    assert r1["secagg"]["bytes_in"]["masked_input"] == (10 - len(lost)) * 4 * r1["secagg"]["vector_len"]
-    assert not r2["skipped"] and r2["num_updates"] == 10 and r2["failed_clients"] == []
-    spy.check_no_plaintext(dump, Ring.bits(32))  # round 1's sum: exactly the survivors' plaintexts
-    events = read_jsonl(tmp_path / "run" / "events.jsonl")
-    assert [e["event"] for e in events] == ["secagg_dropout", "actor_died"]
-    assert events[0]["clients"] == r1["secagg"]["dropped_clients"]
-
-
-def test_dropout_below_threshold_skips_round(ray_session, small_data, tmp_path):
-    """Threshold 100 %: losing one of two actors after key sharing (survivors left, but fewer than the
-    threshold) aborts SecAgg; the round is skipped with its reason logged, no sum is applied (the weights stay
-    the initial ones). One round."""
-    init = tmp_path / "init.safetensors"
-    torch.manual_seed(1)
-    save_weights(init, build_model("cnn", 10, (1, 28, 28)).state_dict())
-    dump = tmp_path / "dump"
-    dump.mkdir()
-    cfg = small_cfg(rounds=1, clients_per_round=10, secagg_threshold=1.0)
-    s = run_federated(
-        cfg,
-        seed=0,
-        out_dir=tmp_path / "run",
-        data=small_data,
-        init_weights=init,
-        client_cls=recording_client(dump, 1),
-    )
-    rec = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
-    assert rec["skipped"] and rec["num_updates"] == 0 and s["skipped_rounds"] == [1]
-    assert rec["secagg"]["included"] == 0 and rec["secagg"]["threshold"] == 10
-    skipped = [e for e in read_jsonl(tmp_path / "run" / "events.jsonl") if e["event"] == "round_skipped"]
-    assert len(skipped) == 1 and "secure aggregation aborted" in skipped[0]["reason"]
-    w0, w1 = load_weights(init), load_weights(tmp_path / "run" / "final.safetensors")
-    assert all(torch.equal(w0[k], w1[k]) for k in w0)
-
-
-def test_client_side_norm_clipping_and_nan_withholding(ray_session, small_data, tmp_path):
-    """max_update_norm: clients clip (the server cannot see norms), so the applied step is a mean of vectors of
-    norm 0.5; a client with NaN data withholds its update (one ``update_rejected`` event, 9 participants). One
-    round, one actor, the shared small_data with client 3's inputs replaced by NaN in a copy."""
-    clients = list(small_data.clients)  # small_data itself stays clean for the other tests
-    clients[3] = (torch.full_like(clients[3][0], float("nan")), clients[3][1])
-    data = dataclasses.replace(small_data, clients=clients)
-    init = tmp_path / "init.safetensors"
-    torch.manual_seed(1)
-    save_weights(init, build_model("cnn", 10, (1, 28, 28)).state_dict())
-    cfg = small_cfg(rounds=1, clients_per_round=10, max_update_norm=0.5, num_actors=1)
-    run_federated(cfg, seed=0, out_dir=tmp_path / "run", data=data, init_weights=init)
-    rec = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
-    assert rec["rejected"] == [3] and rec["num_updates"] == 9 and not rec["skipped"]
-    assert rec["secagg"]["participants"] == 9 and rec["secagg"]["norm_clipped"] == 9
-    w0, w1 = load_weights(init), load_weights(tmp_path / "run" / "final.safetensors")
-    step = torch.cat([(w1[k] - w0[k]).reshape(-1) for k in w0])
-    assert 0.1 < float(step.norm()) <= 0.5 + 1e-4  # a mean of vectors of norm 0.5
-    events = read_jsonl(tmp_path / "run" / "events.jsonl")
-    assert [e["event"] for e in events] == ["update_rejected"] and "non-finite" in events[0]["reason"]
+    assert sec.summary["final_accuracy"] == pytest.approx(plain.summary["final_accuracy"], abs=0.01)
 
 
 class Interrupt(Exception):
     pass
 
 
-def test_secure_resume_equals_uninterrupted(ray_session, small_data, tmp_path):
+def test_secure_resume_equals_uninterrupted(runs, secure_fedadam, small_data, tmp_path):
     """FedAdam (server optimizer state in the checkpoint) with SecAgg: the masks cancel exactly in the ring,
-    so an interrupted and resumed run reproduces the uninterrupted weights bit for bit."""
-    cfg = small_cfg(strategy={"name": "fedadam", "server_lr": 0.01}, rounds=4, checkpoint_every=2)
-    run_federated(cfg, seed=0, out_dir=tmp_path / "ref", data=small_data)
+    so an interrupted and resumed run reproduces the uninterrupted weights (``secure_fedadam``) bit for bit."""
+    cfg = small_cfg(**FEDADAM)
 
     def stop_after_round_3(rec):
         if rec["round"] == 3:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        run_federated(cfg, seed=0, out_dir=tmp_path / "run", data=small_data, on_round=stop_after_round_3)
-    run_federated(cfg, seed=0, out_dir=tmp_path / "run", data=small_data, resume=True)
-    a, b = (
-        load_weights(tmp_path / "ref" / "final.safetensors"),
-        load_weights(tmp_path / "run" / "final.safetensors"),
-    )
+        runs.run(cfg, small_data, tmp_path / "run", on_round=stop_after_round_3)
+    runs.run(cfg, small_data, tmp_path / "run", resume=True)
+    a, b = secure_fedadam.final, load_weights(tmp_path / "run" / "final.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    ra, rb = read_jsonl(tmp_path / "ref" / "metrics.jsonl"), read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    ra, rb = secure_fedadam.metrics, read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["accuracy"] for r in ra] == [r["accuracy"] for r in rb] and len(rb) == 4
+
+
+def test_actor_death_after_key_sharing_is_recovered(runs, small_data, tmp_path):
+    """The actor hosting participant 0 dies at the masked-input stage of round 1: the survivors' sum is
+    applied (threshold 20 %, opted in below a majority: at least 2 of 10 must survive) and is exactly their
+    plaintexts' ring sum, the dropout and the death are logged, the dead actor is replaced, and round 2 runs
+    with every client (2 rounds: the fewest that show the replacement serving)."""
+    cfg = small_cfg(
+        clients_per_round=10,
+        secagg_threshold=0.2,
+        secagg_allow_minority_threshold=True,
+        min_clients_fraction=0.2,
+    )
+    run = runs.run(cfg, small_data, tmp_path / "run", die_round=1)
+    spy = run.spy
+    r1, r2 = run.metrics
+    lost = spy.sums[1].dropped
+    assert 0 in lost and 1 <= len(lost) <= 8, lost  # the victim hosted participant 0 (and some others)
+    assert not r1["skipped"] and r1["num_updates"] == 10 - len(lost)
+    assert r1["secagg"]["dropped_clients"] == [r1["sampled"][p] for p in lost]
+    assert r1["secagg"]["bytes_in"]["masked_input"] == (10 - len(lost)) * 4 * r1["secagg"]["vector_len"]
+    assert not r2["skipped"] and r2["num_updates"] == 10 and r2["failed_clients"] == []
+    spy.check_no_plaintext(run.dump, Ring.bits(32))  # round 1's sum: exactly the survivors' plaintexts
+    events = run.events
+    assert [e["event"] for e in events] == ["secagg_dropout", "actor_died"]
+    assert events[0]["clients"] == r1["secagg"]["dropped_clients"]
+
+
+@pytest.fixture(scope="module")
+def abort_then_nan(runs, small_data, tmp_path_factory) -> tuple[Run, Path]:
+    """One run shared by the two tests below: threshold 100 %, two actors, max_update_norm 0.5, all 10 clients
+    each round, client 3's inputs NaN (in a copy of small_data; small_data stays clean), from saved initial
+    weights. Round 1: the actor hosting participant 0 dies after key sharing; round 2 runs on its replacement
+    and the survivor. Returns the run and the initial weights' file."""
+    clients = list(small_data.clients)
+    clients[3] = (torch.full_like(clients[3][0], float("nan")), clients[3][1])
+    data = dataclasses.replace(small_data, clients=clients)
+    root = tmp_path_factory.mktemp("abort")
+    init = root / "init.safetensors"
+    torch.manual_seed(1)
+    save_weights(init, build_model("cnn", 10, (1, 28, 28)).state_dict())
+    cfg = small_cfg(rounds=2, clients_per_round=10, secagg_threshold=1.0, max_update_norm=0.5)
+    return runs.run(cfg, data, root / "run", init_weights=init, die_round=1), init
+
+
+# the events of that run: round 1's withheld update, the death, the skip; round 2's withheld update
+ABORT_THEN_NAN_EVENTS = ["update_rejected", "actor_died", "round_skipped", "update_rejected"]
+
+
+def test_dropout_below_threshold_skips_round(abort_then_nan):
+    """Threshold 100 %: losing one of two actors after key sharing (survivors left, but fewer than the
+    threshold) aborts SecAgg; the round is skipped with its reason logged, no sum is applied (the weights stay
+    the initial ones). Round 1 of ``abort_then_nan`` (9 participants: client 3 withholds its update)."""
+    run, init = abort_then_nan
+    rec = run.metrics[0]
+    assert rec["skipped"] and rec["num_updates"] == 0 and run.summary["skipped_rounds"] == [1]
+    assert rec["secagg"]["participants"] == 9 and rec["secagg"]["included"] == 0
+    assert rec["secagg"]["threshold"] == 9
+    events = run.events
+    assert [e["event"] for e in events] == ABORT_THEN_NAN_EVENTS
+    (skipped,) = [e for e in events if e["event"] == "round_skipped"]
+    assert skipped["round"] == 1 and "secure aggregation aborted" in skipped["reason"]
+    assert 1 not in run.spy.sums  # no sum was revealed
+    before, after = run.spy.weights[1]
+    w0 = load_weights(init)
+    layout = VectorLayout.of(build_model("cnn", 10, (1, 28, 28)))
+    assert torch.equal(before, layout.to_vector(w0)) and torch.equal(after, before)
+
+
+def test_client_side_norm_clipping_and_nan_withholding(abort_then_nan):
+    """max_update_norm: clients clip (the server cannot see norms), so the applied step is a mean of vectors of
+    norm 0.5; a client with NaN data withholds its update (one ``update_rejected`` event a round, 9
+    participants). Round 2 of ``abort_then_nan``, on the replacement actor and the one that survived."""
+    run, _ = abort_then_nan
+    r1, rec = run.metrics
+    assert r1["rejected"] == [3]  # round 1 too (its client 3 trained before the death)
+    assert rec["rejected"] == [3] and rec["num_updates"] == 9 and not rec["skipped"]
+    assert rec["failed_clients"] == []
+    assert rec["secagg"]["participants"] == 9 and rec["secagg"]["norm_clipped"] == 9
+    before, after = run.spy.weights[2]
+    step = after - before
+    assert 0.1 < float(step.norm()) <= 0.5 + 1e-4  # a mean of vectors of norm 0.5
+    events = run.events
+    assert [e["event"] for e in events] == ABORT_THEN_NAN_EVENTS
+    rejected = [e for e in events if e["event"] == "update_rejected"]
+    assert [(e["round"], e["client"]) for e in rejected] == [(1, 3), (2, 3)]
+    assert all("non-finite" in e["reason"] for e in rejected)
+    run.spy.check_no_plaintext(run.dump, Ring.bits(32))  # round 2's sum: exactly the 9 plaintexts
 
 
 # ------------------------------------------------------------------------------------------ strategies (no Ray)
