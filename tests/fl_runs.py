@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from gptfl_ray.config import RunConfig, validate_config
+from gptfl_ray.fl.pool import IdleActors
 from gptfl_ray.fl.runner import run_federated
 from gptfl_ray.io import load_weights, read_jsonl
 
@@ -60,9 +61,12 @@ def run_and_resume(make_cfg: Callable[..., RunConfig], tmp_path: Path, seed: int
     ``final.safetensors`` and the same per-round accuracy and ``strategy_info`` (bar its seconds); returns the
     full run's metrics records."""
     full_dir, part_dir = Path(tmp_path) / "full", Path(tmp_path) / "part"
-    full = run_federated(make_cfg(), seed=seed, out_dir=full_dir)
-    run_federated(make_cfg(rounds=1), seed=seed, out_dir=part_dir)
-    resumed = run_federated(make_cfg(), seed=seed, out_dir=part_dir, resume=True)
+    # The three runs share one set of client actors, each run adopting the previous one's (as the arms of a seed
+    # in `gptfl run` do): one actor start-up instead of three, and resume is checked on reused actors.
+    with IdleActors() as idle:
+        full = run_federated(make_cfg(), seed=seed, out_dir=full_dir, idle=idle)
+        run_federated(make_cfg(rounds=1), seed=seed, out_dir=part_dir, idle=idle)
+        resumed = run_federated(make_cfg(), seed=seed, out_dir=part_dir, resume=True, idle=idle)
     assert resumed["final_accuracy"] == full["final_accuracy"]
 
     a, b = load_weights(full_dir / "final.safetensors"), load_weights(part_dir / "final.safetensors")
