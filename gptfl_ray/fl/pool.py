@@ -165,7 +165,9 @@ class IdleActors:
         return mine
 
     def close(self) -> None:
-        self.take(ActorKind(type(None), 0.0, 0.0), 0)
+        for _, a in self._idle:
+            ray.kill(a, no_restart=True)
+        self._idle = []
 
     def __enter__(self) -> IdleActors:
         return self
