@@ -122,25 +122,39 @@ def synthetic(tmp_path_factory) -> Path:
 
 @dataclass(frozen=True)
 class TwoRuns:
-    """One synthetic set, config and seed pretrained twice: by `pretrain()` and by `gptfl pretrain`."""
+    """One synthetic set, config (2 workers) and seed pretrained twice: by `pretrain()`, interrupted after epoch 0
+    and rerun in the same folder, and by `gptfl pretrain` without interruption."""
 
     cfg: RunConfig
     cfg_file: Path  # the command's config file
+    interrupted: str  # the interrupted `pretrain()`'s error ("" if it did not fail)
+    weights_after_interrupt: bool  # whether the interrupted attempt left weights.safetensors
     direct: Path  # pretrain()'s folder
-    direct_metrics: dict
+    direct_metrics: dict  # the rerun's: resumed from the interrupted attempt's checkpoint
     command: Path  # the command's default folder, read from its "weights: " line
     command_metrics: dict
 
 
 @pytest.fixture(scope="module")
 def two_runs(ray_session, synthetic, tmp_path_factory) -> TwoRuns:
-    """6 shards read by 2 CPUs: the order in which blocks come out of Ray Data varies from run to run."""
+    """6 shards read by 2 CPUs: the order in which blocks come out of Ray Data varies from run to run. Two workers
+    (the session's 2 CPUs): their path is the more demanding one, and 1-worker pretraining runs in every
+    end-to-end test (test_run compares a killed and resumed one with an uninterrupted one)."""
     from gptfl_ray.cli import main
     from gptfl_ray.pretrain import pretrain
 
     root = tmp_path_factory.mktemp("runs")
-    cfg = tiny_cfg(root / "out")
-    direct_metrics = pretrain(cfg, synthetic, root / "r0", seed=cfg.seeds[0])
+    cfg = tiny_cfg(root / "out", num_workers=2, cpus_per_worker=1)
+    direct = root / "r0"
+    interrupted = ""
+    with pytest.MonkeyPatch.context() as mp:
+        interrupt_after(mp, epoch=0)
+        try:
+            pretrain(cfg, synthetic, direct, seed=cfg.seeds[0])
+        except Exception as err:  # Ray wraps the callback's error: its message is checked by the test
+            interrupted = str(err)
+    weights_after_interrupt = (direct / "weights.safetensors").exists()
+    direct_metrics = pretrain(cfg, synthetic, direct, seed=cfg.seeds[0])
     cfg_file = root / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     stdout = io.StringIO()
@@ -148,7 +162,16 @@ def two_runs(ray_session, synthetic, tmp_path_factory) -> TwoRuns:
         assert main(["pretrain", str(cfg_file), "--synthetic", str(synthetic)]) == 0, stdout.getvalue()
     (line,) = [x for x in stdout.getvalue().splitlines() if x.startswith("weights: ")]
     command = Path(line.removeprefix("weights: ")).parent
-    return TwoRuns(cfg, cfg_file, root / "r0", direct_metrics, command, read_json(command / "metrics.json"))
+    return TwoRuns(
+        cfg,
+        cfg_file,
+        interrupted,
+        weights_after_interrupt,
+        direct,
+        direct_metrics,
+        command,
+        read_json(command / "metrics.json"),
+    )
 
 
 # ------------------------------------------------------------------------------------------ data order
@@ -184,39 +207,30 @@ def test_split_and_epoch_order_are_seeded_functions_of_the_row_ids():
     assert merged == epoch(rows, 7, batch_size=16)[:7]  # the one-worker stream of 16-row batches, split
 
 
-@pytest.mark.slow  # Ray Train runs: ~30 s each on 2 cores
-def test_pretraining_twice_gives_identical_weights(two_runs):
+@pytest.mark.slow  # the module's 3 Ray Train fits, 2 workers each: ~30 s each on 2 cores
+def test_interrupted_pretraining_resumes_from_its_last_checkpoint(two_runs):
+    assert "interrupted after epoch 0" in two_runs.interrupted, two_runs.interrupted
+    assert not two_runs.weights_after_interrupt
+    assert two_runs.direct_metrics["resumed_from_epoch"] == 1
+
+
+@pytest.mark.slow  # the module's 3 Ray Train fits, 2 workers each: ~30 s each on 2 cores
+def test_two_workers_resumed_or_not_give_identical_weights(two_runs):
+    """Identical for the same worker count whatever Ray's scheduling, and a resumed run reaches the uninterrupted
+    result: all 3 epochs, same numbers."""
     assert same_weights(two_runs.direct, two_runs.command)
     assert without_times(two_runs.command_metrics["history"]) == without_times(
         two_runs.direct_metrics["history"]
     )
 
 
-@pytest.mark.slow  # Ray Train runs: ~30 s each on 2 cores
+@pytest.mark.slow  # the module's 3 Ray Train fits, 2 workers each: ~30 s each on 2 cores
 def test_metrics_history_holds_every_epoch(two_runs):
-    metrics = two_runs.direct_metrics
+    metrics = two_runs.direct_metrics  # epoch 0 from before the interruption, 1 and 2 from the rerun
     assert [h["epoch"] for h in metrics["history"]] == [0, 1, 2]  # not only the 2 kept checkpoints
+    # the workers' shares cover every row once
     assert all(h["train_samples"] == metrics["num_train"] == 96 for h in metrics["history"])
     assert all(0.0 <= h["val_accuracy"] <= 1.0 for h in metrics["history"])
-
-
-@pytest.mark.slow  # Ray Train runs: ~30 s each on 2 cores
-def test_interrupted_pretraining_resumes_to_the_uninterrupted_result(
-    two_runs, synthetic, tmp_path, monkeypatch
-):
-    from gptfl_ray.pretrain import pretrain
-
-    out = tmp_path / "pre"
-    cfg = tiny_cfg()
-    interrupt_after(monkeypatch, epoch=0)
-    with pytest.raises(Exception, match="interrupted after epoch 0"):
-        pretrain(cfg, synthetic, out, seed=cfg.seeds[0])
-    assert not (out / "weights.safetensors").exists()
-    resumed = pretrain(cfg, synthetic, out, seed=cfg.seeds[0])
-    assert resumed["resumed_from_epoch"] == 1
-    ref = two_runs.direct_metrics
-    assert without_times(resumed["history"]) == without_times(ref["history"])  # all 3 epochs, same numbers
-    assert same_weights(out, two_runs.direct)
 
 
 def test_checkpoint_holding_a_pickled_object_is_refused(tmp_path):
@@ -234,19 +248,8 @@ def test_checkpoint_holding_a_pickled_object_is_refused(tmp_path):
         load_state(tmp_path / "state.pt")
 
 
-@pytest.mark.slow  # Ray Train runs: ~30 s each on 2 cores
-def test_two_workers_give_identical_weights_for_the_same_worker_count(ray_session, synthetic, tmp_path):
-    from gptfl_ray.pretrain import pretrain
-
-    cfg = tiny_cfg(epochs=1, num_workers=2, cpus_per_worker=1)
-    runs = [pretrain(cfg, synthetic, tmp_path / f"w{i}", seed=3) for i in range(2)]
-    assert same_weights(tmp_path / "w0", tmp_path / "w1")
-    assert without_times(runs[0]["history"]) == without_times(runs[1]["history"])
-    assert runs[0]["history"][0]["train_samples"] == 96  # the workers' shares cover every row once
-
-
 # ------------------------------------------------------------------------------------------ cache key
-@pytest.mark.slow  # Ray Train runs: ~30 s each on 2 cores
+@pytest.mark.slow  # the module's 3 Ray Train fits, 2 workers each: ~30 s each on 2 cores
 def test_pretrain_command_keys_its_cache_by_the_synthetic_set(two_runs, synthetic, tmp_path, capsys):
     """Without --output, the command writes to a folder named by the key of its inputs, so a second synthetic
     set gets its own folder; an explicit folder of another set is refused."""
