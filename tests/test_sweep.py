@@ -1,5 +1,6 @@
 """Sweep configs: every grid point validates (and its data, where this machine has it); three tune configs,
-baselines-flowers102's ConvNet arms and a synthetic-public-data arm run in --smoke mode; an interrupted sweep resumes."""
+baselines-flowers102's ConvNet arms and a synthetic-public-data arm run in --smoke mode (quickstart's as an
+interrupted `gptfl sweep` that resumes)."""
 
 from __future__ import annotations
 
@@ -173,15 +174,16 @@ def test_isolated_trial_reports_its_accuracy_to_tune_and_the_report(tmp_path, ra
 # Three tune configs run in --smoke (every one of them: ~7 min). --smoke swaps in tiny offline data per
 # modality (sweep.py SMOKE_IMAGE: MNIST, glyphs, ConvNet; SMOKE_AUDIO: FSDD, espeak, audio CNN), 6 clients, 3 per
 # round, 2 rounds and one value per grid key, so most smoke sweeps repeat one of these trials:
-# - quickstart: images, federated, both inits (test_interrupted_sweep_resumes_without_rerunning reuses its inputs);
+# - quickstart: images, federated, both inits: run by test_interrupted_sweep_resumes_without_rerunning (the CLI,
+#   killed after its first trial and resumed), which checks what the runs below check as well;
 # - speech-commands: audio (espeak generation, audio CNN, speakers as clients, eval_every 10 > rounds);
 # - synthetic-only: the only other sweep kind (pretraining alone, fl_trial's no-FL branch, the synthetic-only
-#   summary). Its smoke inputs are quickstart's (the same synthetic set and pretraining): seconds.
+#   summary). Its smoke inputs are quickstart's (the same synthetic set and pretraining): it builds them for the
+#   quickstart and synthetic-public-data sweeps below.
 # Every other config's grid points are validated above, their client partitions drawn below, and what their smoke
 # runs did beyond a run config's is checked by test_smoke_points_not_run_repeat_a_run_one.
-SMOKE_RUNS = [
-    REPO / "tune_configs" / n for n in ("quickstart.yaml", "speech-commands.yaml", "synthetic-only.yaml")
-]
+QUICKSTART = REPO / "tune_configs" / "quickstart.yaml"
+SMOKE_RUNS = [REPO / "tune_configs" / n for n in ("speech-commands.yaml", "synthetic-only.yaml")]
 # The run config each other (arm-less) config's smoke points repeat, and where each field they differ in is covered.
 REPEATS = {
     "cifar10.yaml": "quickstart.yaml",
@@ -203,8 +205,8 @@ COVERED = {
     "fl.mode": "test_isolated_trial_reports_its_accuracy_to_tune_and_the_report, test_fl_runtime.py",
     "fl.local.epochs": "isolated's local epochs: test_fl_runtime.py::test_isolated_control trains 2",
 }
-# The baseline sweeps (arms) run test_baselines_flowers102_runs_in_smoke_mode_on_a_tiny_layout (GPT-FL, FedAvg,
-# FedGen, DynaFed) and test_synthetic_public_data_arm_runs_in_a_sweep; every other arm's strategy runs on Ray with
+# The baseline sweeps (arms) run test_baselines_flowers102_runs_in_smoke_mode_on_a_tiny_layout (GPT-FL, FedGen,
+# DynaFed) and test_synthetic_public_data_arm_runs_in_a_sweep; every other arm's strategy runs on Ray with
 # public data in its own test (test_strategy_feddf.py, _dsfl, _fedet; FedProx and SCAFFOLD: test_fl_runtime.py,
 # test_fl_secagg.py).
 
@@ -218,7 +220,7 @@ def test_smoke_points_not_run_repeat_a_run_one():
         sweep_cfg, run = load_sweep(REPO / "tune_configs" / name, smoke=True)
         return sweep_cfg.kind, {p["init"]: flatten(p["run"]) for p in grid_points(sweep_cfg, run)}
 
-    run_names = {p.name for p in SMOKE_RUNS}
+    run_names = {p.name for p in [*SMOKE_RUNS, QUICKSTART]}
     assert set(REPEATS) == {p.name for p in TUNE_CONFIGS if not p.name.startswith("baselines-")} - run_names
     for name, ran in REPEATS.items():
         kind, points = smoke_points(name)
@@ -319,25 +321,35 @@ def test_flowers102_reads_torchvision_layout_at_the_configured_size(tmp_path):
 
 @pytest.mark.slow
 def test_baselines_flowers102_runs_in_smoke_mode_on_a_tiny_layout(tmp_path, ray_session):
-    """GPT-FL, FedAvg, FedGen and DynaFed on Flowers102-shaped data (102 classes, RGB, resized to 32×32),
-    2 rounds each: the ConvNet arms. The VGG19 arms take ~8 more minutes on 2 cores (DynaFed unrolls VGG19:
-    6.5 min alone), so the suite leaves them to `gptfl sweep tune_configs/baselines-flowers102.yaml --smoke`."""
+    """GPT-FL, FedGen and DynaFed on Flowers102-shaped data (102 classes, RGB, resized to 32×32), 2 rounds each:
+    the ConvNet arms. FedAvg's ConvNet arm is FedGen's point with FedGen's strategy swapped for FedAvg (checked
+    here), whose code FedGen runs too, so it is not rerun. The VGG19 arms take ~8 more minutes on 2 cores (DynaFed
+    unrolls VGG19: 6.5 min alone), so the suite leaves them to `gptfl sweep tune_configs/baselines-flowers102.yaml
+    --smoke`."""
     from gptfl_ray.sweep import sweep
+    from gptfl_ray.tracking import flatten
 
     data_dir = tmp_path / "data"
     write_tiny_flowers102(data_dir)
     sweep_cfg, run = load_sweep(
         REPO / "tune_configs" / "baselines-flowers102.yaml", [f"data_dir={data_dir}"], smoke=True
     )
-    convnet = [a for a in sweep_cfg.arms if a.name.endswith("-convnet")]
+    convnet = {a.name: a for a in sweep_cfg.arms if a.name.endswith("-convnet")}
     assert len(convnet) == 4 and len(sweep_cfg.arms) == 8
-    sweep_cfg = sweep_cfg.model_copy(update={"arms": convnet})
+    (fedavg_point,), (fedgen_point,) = (
+        grid_points(sweep_cfg.model_copy(update={"arms": [convnet[n]]}), run)
+        for n in ("fedavg-convnet", "fedgen-convnet")
+    )
+    assert fedavg_point["init"] == fedgen_point["init"] == "random"
+    fedavg, fedgen = flatten(fedavg_point["run"]), flatten(fedgen_point["run"])
+    differ = {k for k in fedavg.keys() | fedgen.keys() if fedavg.get(k) != fedgen.get(k)}
+    assert differ - {"name"} and all(k.startswith("fl.strategy") for k in differ - {"name"}), differ
+    del convnet["fedavg-convnet"]
+    sweep_cfg = sweep_cfg.model_copy(update={"arms": list(convnet.values())})
     out = sweep(sweep_cfg, run, tmp_path / "sweep", shared_dir=tmp_path / "shared")
     assert out["errors"] == []
     summary = json.loads((tmp_path / "sweep" / "summary.json").read_text())
-    assert {r["arm"] for r in summary["rows"]} == {
-        f"{m}-convnet" for m in ("gptfl", "fedavg", "fedgen", "dynafed")
-    }
+    assert {r["arm"] for r in summary["rows"]} == {f"{m}-convnet" for m in ("gptfl", "fedgen", "dynafed")}
     assert all(0 <= r["final_accuracy_mean"] <= 1 for r in summary["rows"])
 
 
@@ -369,8 +381,9 @@ def test_synthetic_public_data_arm_runs_in_a_sweep(tmp_path, ray_session, data_d
 
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning(tmp_path, data_dir, tmp_path_factory, ray_session):
-    """`gptfl sweep` (a driver of its own on the session's Ray instance, as a job on a cluster) is SIGKILLed
-    once its first trial has finished; `--resume` runs only the second."""
+    """quickstart.yaml's smoke sweep through the CLI: `gptfl sweep` (a driver of its own on the session's Ray
+    instance, as a job on a cluster) is SIGKILLed once its first trial has finished; `--resume` runs only the
+    second and reports both."""
     sweep_dir = tmp_path / "sweep"
     env = {**os.environ, "GPTFL_DATA_DIR": str(data_dir)}
     base = [
@@ -378,11 +391,11 @@ def test_interrupted_sweep_resumes_without_rerunning(tmp_path, data_dir, tmp_pat
         "-m",
         "gptfl_ray.cli",
         "sweep",
-        str(REPO / "tune_configs" / "quickstart.yaml"),
+        str(QUICKSTART),
         "--smoke",
         "--output",
         str(sweep_dir),
-        "--shared",  # the smoke tests above already built the synthetic data and weights
+        "--shared",  # synthetic-only's smoke run above already built the synthetic data and weights
         str(tmp_path_factory.getbasetemp() / "sweep-shared"),
         "--set",
         f"ray_address={ray_session.get_runtime_context().gcs_address}",
@@ -408,4 +421,7 @@ def test_interrupted_sweep_resumes_without_rerunning(tmp_path, data_dir, tmp_pat
     assert finished.stat().st_mtime_ns == mtime  # the finished trial was not rerun
     assert len(list((sweep_dir / "trials").glob("*/summary.json"))) == 2
     rows = json.loads((sweep_dir / "summary.json").read_text())["rows"]
-    assert len(rows) == 2
+    sweep_cfg, run = load_sweep(QUICKSTART, smoke=True)
+    assert len(rows) == len(grid_points(sweep_cfg, run)) == 2  # both inits
+    assert all(0 <= r["final_accuracy_mean"] <= 1 for r in rows)
+    assert (sweep_dir / "report.md").is_file() and "failed trial" not in done.stdout
