@@ -16,7 +16,6 @@ import yaml
 
 from gptfl_ray.config import ConfigError, dump_config, load_config, validate_config
 from gptfl_ray.fl.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from gptfl_ray.fl.client import FLClient
 from gptfl_ray.io import atomic_write_json, save_weights
 from tests.cli_output import error_lines
 
@@ -192,19 +191,26 @@ def test_task_deadline_defaults_to_a_multiple_of_the_measured_time():
     assert TaskDeadlines(2.5).seconds("train", 1000) == 2.5  # fl.task_timeout_s: a fixed deadline
 
 
-class StallingClient(FLClient):
-    """Test client with a method that hangs forever on request (alive, never answering)."""
-
-    def work(self, what: str) -> str:
-        while what == "hang":
-            time.sleep(3600)
-        return what
-
-
 def test_pool_kills_and_replaces_hung_actors(ray_session):
     from gptfl_ray.config import LocalTrainConfig, StrategyConfig
     from gptfl_ray.fl.client import ClientSpec
     from gptfl_ray.fl.pool import ClientPool, Task, TaskDeadlines
+
+    class StallingClient:
+        """A client actor as the pool sees one (built from the spec, answering `info`), with a method that hangs
+        forever on request (alive, never answering). Defined here, it travels by value: its 4 processes import
+        neither torch nor the test module."""
+
+        def __init__(self, spec):
+            self.spec = spec
+
+        def info(self) -> dict:
+            return {"pid": os.getpid(), "device": "cpu", "torch_threads": 1}
+
+        def work(self, what: str) -> str:
+            while what == "hang":
+                time.sleep(3600)
+            return what
 
     spec = ClientSpec("cnn", 10, (1, 28, 28), None, LocalTrainConfig(), StrategyConfig())
     events: list[dict] = []
