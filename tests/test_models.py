@@ -23,9 +23,9 @@ def test_forward_backward_and_size(name, shape, params):
     torch.manual_seed(0)
     model = build_model(name, 10, shape)
     assert count_parameters(model) == params
-    x = torch.randn(2, *shape)
+    x = torch.randn(1 if shape[-1] >= 224 else 2, *shape)  # one 224×224 image: VGG19's costs ~5 s on CPU
     out = model(x)
-    assert out.shape == (2, 10)
+    assert out.shape == (len(x), 10)
     out.logsumexp(1).sum().backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
