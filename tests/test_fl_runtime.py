@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -14,7 +16,7 @@ import torch
 
 from gptfl_ray.config import validate_config
 from gptfl_ray.fl.client import FLClient, evaluate_sums
-from gptfl_ray.fl.pool import actor_namespace
+from gptfl_ray.fl.pool import IdleActors
 from gptfl_ray.fl.runner import prepare_federated_data, run_federated
 from gptfl_ray.io import load_weights, read_json, read_jsonl, save_weights
 from gptfl_ray.models import build_model
@@ -80,11 +82,130 @@ def small_data(data_dir):
     return prepare_federated_data(small_cfg(), seed=0)
 
 
+# ------------------------------------------------------------------------------------ the module's runs
+def hooked_client(ctl: Path) -> type[FLClient]:
+    """FLClient with the hooks the tests switch on by creating a file in ``ctl``. Each fires once, in the first task
+    that renames its file to ``<name>.fired`` (atomic: exactly one task wins); with none armed it is FLClient.
+
+    - ``kill``: a training task writes its actor's name to ``victim`` and lingers, so the test can ray.kill it;
+    - ``hang``: a training task writes its pid to ``victim`` and hangs forever (alive, never answering); every later
+      training task appends its actor's pid to ``after``;
+    - ``crash``: an evaluation raises (a bug in an evaluation task aborts the run);
+    - ``slow``: an evaluation takes 2 s longer (its actor's name in ``slowed``), so that what the other actor does
+      meanwhile shows;
+    - ``log/`` (a folder): every task appends its method, actor and start/end time to ``log/<actor>.jsonl``.
+    """
+
+    def fire(name: str) -> bool:
+        import os
+
+        try:
+            os.rename(ctl / name, ctl / f"{name}.fired")
+            return True
+        except FileNotFoundError:
+            return False
+
+    def actor_name() -> str:
+        import ray
+
+        return ray.get_runtime_context().get_actor_name()
+
+    class HookedClient(FLClient):
+        def train(self, *args, **kwargs):
+            import os
+
+            if fire("kill"):
+                (ctl / "victim").write_text(actor_name())
+                time.sleep(60)
+            elif fire("hang"):
+                (ctl / "victim").write_text(str(os.getpid()))
+                while True:
+                    time.sleep(3600)
+            elif (ctl / "hang.fired").exists():
+                with open(ctl / "after", "a") as f:
+                    f.write(f"{os.getpid()}\n")
+            start = time.time()
+            return self._logged("train", start, super().train(*args, **kwargs))
+
+        def evaluate(self, *args):
+            if fire("crash"):
+                raise RuntimeError("evaluation crash (test)")
+            start = time.time()
+            if fire("slow"):
+                (ctl / "slowed").write_text(actor_name())
+                time.sleep(2.0)
+            return self._logged("evaluate", start, super().evaluate(*args))
+
+        def _logged(self, method: str, start: float, out):
+            if (ctl / "log").is_dir():
+                actor = actor_name()
+                with open(ctl / "log" / f"{actor}.jsonl", "a") as f:
+                    f.write(
+                        json.dumps({"method": method, "actor": actor, "start": start, "end": time.time()})
+                        + "\n"
+                    )
+            return out
+
+    return HookedClient
+
+
+class Runs:
+    """The module's FL runs (``run_federated``, seed 0 unless given), on :func:`hooked_client` actors taken over
+    from the previous run when it finished (``IdleActors``: adopted and rebuilt for the new run, as the arms of a
+    seed in ``gptfl run`` are) instead of a new pool of processes each time. An interrupted or failed run stops its
+    actors; the next starts new ones. Any test order is correct; the file's order is the cheap one: the tiny runs
+    (whose reference must run on new actors) first, the one-actor runs last, then the tests whose Ray work does not
+    go through here (``no_idle_actors``)."""
+
+    def __init__(self, ctl: Path, idle: IdleActors):
+        self.ctl, self.idle = ctl, idle
+        self.client_cls = hooked_client(ctl)
+
+    def __call__(self, cfg, *, out_dir: Path, seed: int = 0, **kwargs) -> dict:
+        return run_federated(
+            cfg, seed=seed, out_dir=out_dir, client_cls=self.client_cls, idle=self.idle, **kwargs
+        )
+
+    def arm(self, name: str) -> None:
+        (self.ctl / name).touch()
+
+    def arm_after_round(self, name: str, rnd: int):
+        """An ``on_round`` that arms the hook ``name`` once round ``rnd`` is evaluated."""
+
+        def on_round(rec):
+            if rec["round"] == rnd:
+                self.arm(name)
+
+        return on_round
+
+
 @pytest.fixture(scope="module")
-def reference(ray_session, small_data, tmp_path_factory):
+def module_runs(ray_session, tmp_path_factory):
+    """The module's :class:`Runs`; leaving the module stops the idle actors (they hold the session's CPUs)."""
+    with IdleActors() as idle:
+        ctl = tmp_path_factory.mktemp("hooks")
+        yield Runs(ctl, idle)
+
+
+@pytest.fixture
+def runs(module_runs):
+    """:class:`Runs` for one test: the hooks it armed (and their traces) are cleared afterwards."""
+    yield module_runs
+    shutil.rmtree(module_runs.ctl)
+    module_runs.ctl.mkdir()
+
+
+@pytest.fixture
+def no_idle_actors(module_runs):
+    """For Ray work outside :class:`Runs`: the idle actors are stopped first, as they hold the CPUs it needs."""
+    module_runs.idle.close()
+
+
+@pytest.fixture(scope="module")
+def reference(module_runs, small_data, tmp_path_factory):
     """The uninterrupted SCAFFOLD run every fault/resume test must reproduce."""
     out = tmp_path_factory.mktemp("reference")
-    summary = run_federated(small_cfg(), seed=0, out_dir=out, data=small_data)
+    summary = module_runs(small_cfg(), out_dir=out, data=small_data)
     return out, summary
 
 
@@ -99,9 +220,70 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[k], wb[k]), k
 
 
+# ------------------------------------------------------------------------------------ overlap
+def tiny_cfg(**fl):
+    """tests/fl_runs.py's tiny MNIST run with 2 actors, 3 rounds, a checkpoint every round."""
+    from tests.fl_runs import tiny_config
+
+    return tiny_config({"name": "fedavg"}, fl={"num_actors": 2, "rounds": 3, **fl})
+
+
+def untimed(recs: list[dict]) -> list[dict]:
+    """Metrics records without their seconds (keys ending in ``_s``), which differ between any two runs."""
+    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in recs]
+
+
+@pytest.fixture(scope="module")
+def tiny_sequential(module_runs, data_dir, tmp_path_factory):
+    """The tiny run in the sequential order: a blocking on_round makes each evaluation a barrier. On new actors
+    (the idle ones are stopped first; a no-op when, as in file order, it is the module's first run): the adoption
+    test compares its run on adopted actors with this one."""
+    out = tmp_path_factory.mktemp("sequential")
+    module_runs.idle.close()
+    module_runs(tiny_cfg(), out_dir=out, on_round=lambda rec: None)
+    return out
+
+
+def test_evaluation_runs_alongside_next_round_with_identical_results(tiny_sequential, runs, tmp_path):
+    """Round r's evaluation and round r+1's training share the actors (a training task starts while an
+    evaluation still runs on the other actor); weights and metrics are those of the sequential order."""
+    logs = runs.ctl / "log"
+    logs.mkdir()
+    runs.arm("slow")  # the run's first evaluation takes 2 s longer
+    runs(tiny_cfg(), out_dir=tmp_path / "run")
+    tasks = [json.loads(line) for f in logs.iterdir() for line in f.read_text().splitlines()]
+    slow = max((t for t in tasks if t["method"] == "evaluate"), key=lambda t: t["end"] - t["start"])
+    assert slow["actor"] == (runs.ctl / "slowed").read_text() and slow["end"] - slow["start"] >= 2.0
+    assert any(
+        t["method"] == "train" and t["actor"] != slow["actor"] and slow["start"] < t["start"] < slow["end"]
+        for t in tasks
+    )
+    assert_same_weights(tmp_path / "run", tiny_sequential)
+    recs = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["round"] for r in recs] == [1, 2, 3]
+    assert untimed(recs) == untimed(read_jsonl(tiny_sequential / "metrics.jsonl"))
+
+
+def test_checkpoint_waits_for_its_evaluation_and_resume_is_exact(tiny_sequential, runs, tmp_path):
+    """Round 2 trains and aggregates, then its evaluation fails while round 3 trains: round 2's checkpoint is
+    never committed (a checkpoint always holds its round's evaluation), and the resumed run redoes round 2
+    and ends bit-identical to the sequential run."""
+    out = tmp_path / "run"
+    with pytest.raises(Exception, match="evaluation crash"):
+        runs(tiny_cfg(), out_dir=out, on_round=runs.arm_after_round("crash", 1), on_round_overlaps=True)
+    assert (runs.ctl / "crash.fired").exists()
+    assert read_json(out / "checkpoint" / "latest.json")["round"] == 1
+    assert [r["round"] for r in read_jsonl(out / "metrics.jsonl")] == [1]
+    runs(tiny_cfg(), out_dir=out, resume=True)
+    assert_same_weights(out, tiny_sequential)
+    assert untimed(read_jsonl(out / "metrics.jsonl")) == untimed(
+        read_jsonl(tiny_sequential / "metrics.jsonl")
+    )
+
+
 # ------------------------------------------------------------------------------------ learning
 @pytest.mark.slow
-def test_fedavg_learns_mnist(ray_session, data_dir, tmp_path):
+def test_fedavg_learns_mnist(runs, data_dir, tmp_path):
     """FedAvg, CNN, 20 Dirichlet(0.5) clients of 8,000 real MNIST images, 10 per round.
 
     Measured (seed 0): accuracy 0.53 / 0.77 / 0.855 / 0.92 / 0.94 after rounds 1-5 on 2,000 held-out images.
@@ -126,8 +308,9 @@ def test_fedavg_learns_mnist(ray_session, data_dir, tmp_path):
             },
         }
     )
+    data = prepare_federated_data(cfg, seed=0)
     seen = []
-    s = run_federated(cfg, seed=0, out_dir=tmp_path, on_round=seen.append)
+    s = runs(cfg, out_dir=tmp_path, data=data, on_round=seen.append)
     assert s["final_accuracy"] >= 0.90, s
     assert s["rounds_to_target"] is not None and s["rounds_to_target"] <= 4
     assert set(s) >= SUMMARY_KEYS and s["strategy"] == "fedavg" and s["init"] == "random" and s["rounds"] == 5
@@ -145,7 +328,6 @@ def test_fedavg_learns_mnist(ray_session, data_dir, tmp_path):
     assert recs[-1]["accuracy"] > recs[0]["accuracy"]
 
     # final.safetensors is the evaluated model: re-evaluating it reproduces the reported accuracy
-    data = prepare_federated_data(cfg, seed=0)
     model = build_model("cnn", 10, data.input_shape)
     model.load_state_dict(weights(tmp_path))
     ev = evaluate_sums(model, data.test[0], data.test[1], 10, 512)
@@ -158,18 +340,18 @@ class Interrupt(Exception):
     pass
 
 
-def test_interrupted_run_resumes_to_identical_weights(reference, small_data, tmp_path):
+def test_interrupted_run_resumes_to_identical_weights(reference, runs, small_data, tmp_path):
     def stop_after_round_3(rec):
         if rec["round"] == 3:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        run_federated(small_cfg(), seed=0, out_dir=tmp_path, data=small_data, on_round=stop_after_round_3)
+        runs(small_cfg(), out_dir=tmp_path, data=small_data, on_round=stop_after_round_3)
     assert read_json(tmp_path / "checkpoint" / "latest.json")["round"] == 2
     assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 3
     assert not (tmp_path / "final.safetensors").exists()
 
-    s = run_federated(small_cfg(), seed=0, out_dir=tmp_path, data=small_data, resume=True)
+    s = runs(small_cfg(), out_dir=tmp_path, data=small_data, resume=True)
     assert_same_weights(tmp_path, reference[0])  # bit-identical, SCAFFOLD state included
     recs = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["round"] for r in recs] == [1, 2, 3, 4]
@@ -181,80 +363,47 @@ def test_interrupted_run_resumes_to_identical_weights(reference, small_data, tmp
     assert len(list((tmp_path / "state" / "scaffold").iterdir())) == len(seen)
 
     with pytest.raises(ValueError, match="used seed 0, not 1"):
-        run_federated(small_cfg(), seed=1, out_dir=tmp_path, data=small_data, resume=True)
+        runs(small_cfg(), seed=1, out_dir=tmp_path, data=small_data, resume=True)
     with pytest.raises(ValueError, match="started from random init"):
-        run_federated(
+        runs(
             small_cfg(),
-            seed=0,
             out_dir=tmp_path,
             data=small_data,
             resume=True,
             init_weights=tmp_path / "other.safetensors",
         )
     with pytest.raises(ValueError, match="already holds an FL run"):
-        run_federated(small_cfg(), seed=0, out_dir=tmp_path, data=small_data)
+        runs(small_cfg(), out_dir=tmp_path, data=small_data)
     with pytest.raises(ValueError, match=r"different fl\.strategy"):
-        run_federated(
-            small_cfg(strategy={"name": "fedavg"}), seed=0, out_dir=tmp_path, data=small_data, resume=True
-        )
+        runs(small_cfg(strategy={"name": "fedavg"}), out_dir=tmp_path, data=small_data, resume=True)
 
 
 # ------------------------------------------------------------------------------------ faults
-def make_killable_client(arm_dir: Path):
-    """A client whose first task after arming announces itself and lingers, so the test can ray.kill it."""
-
-    class KillableClient(FLClient):
-        def train(self, *args, **kwargs):
-            import os
-
-            import ray
-
-            try:
-                os.rename(arm_dir / "armed", arm_dir / "fired")  # atomic: exactly one task wins
-            except FileNotFoundError:
-                return super().train(*args, **kwargs)
-            (arm_dir / "victim").write_text(ray.get_runtime_context().get_actor_name())
-            time.sleep(60)
-            return super().train(*args, **kwargs)
-
-    return KillableClient
-
-
-def kill_when_fired(arm_dir: Path, namespace: str) -> threading.Thread:
+def kill_when_fired(ctl: Path) -> threading.Thread:
+    """ray.kill the actor that the ``kill`` hook names in ``ctl / "victim"``. An adopted actor keeps the namespace
+    of the run that started it (its own job's namespace is the driver's), so it is looked up in all of them: the
+    live actors are the running run's, whose names differ."""
     import ray
 
     def kill():
         deadline = time.time() + 120
-        while not (arm_dir / "victim").exists() and time.time() < deadline:
+        while not (ctl / "victim").exists() and time.time() < deadline:
             time.sleep(0.05)
         time.sleep(0.2)
-        ray.kill(ray.get_actor((arm_dir / "victim").read_text(), namespace=namespace))
+        name = (ctl / "victim").read_text()
+        found = [a["namespace"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == name]
+        assert len(found) == 1, (name, found)
+        ray.kill(ray.get_actor(name, namespace=found[0]))
 
     t = threading.Thread(target=kill, daemon=True)
     t.start()
     return t
 
 
-def arm_after_round(arm_dir: Path, rnd: int):
-    def on_round(rec):
-        if rec["round"] == rnd:
-            (arm_dir / "armed").touch()
-
-    return on_round
-
-
-def test_killed_actor_work_is_redispatched(reference, small_data, tmp_path):
-    out, arm = tmp_path / "run", tmp_path / "arm"
-    arm.mkdir()
-    killer = kill_when_fired(arm, actor_namespace(out))
-    s = run_federated(
-        small_cfg(),
-        seed=0,
-        out_dir=out,
-        data=small_data,
-        on_round=arm_after_round(arm, 1),
-        client_cls=make_killable_client(arm),
-    )
+def test_killed_actor_work_is_redispatched(reference, runs, small_data, tmp_path):
+    out = tmp_path / "run"
+    killer = kill_when_fired(runs.ctl)
+    s = runs(small_cfg(), out_dir=out, data=small_data, on_round=runs.arm_after_round("kill", 1))
     killer.join(timeout=5)
     recs = read_jsonl(out / "metrics.jsonl")
     assert len(recs[1]["failed_clients"]) == 1 and recs[1]["lost_clients"] == []
@@ -267,42 +416,13 @@ def test_killed_actor_work_is_redispatched(reference, small_data, tmp_path):
     assert_same_weights(out, reference[0])  # the re-dispatched task reproduced the lost update exactly
 
 
-def make_hanging_client(arm_dir: Path):
-    """A client whose first task after arming hangs forever (alive, never answering); every later task
-    records the pid of the actor that ran it."""
-
-    class HangingClient(FLClient):
-        def train(self, *args, **kwargs):
-            import os
-
-            try:
-                os.rename(arm_dir / "armed", arm_dir / "fired")
-            except FileNotFoundError:
-                if (arm_dir / "fired").exists():
-                    with open(arm_dir / "after", "a") as f:
-                        f.write(f"{os.getpid()}\n")
-                return super().train(*args, **kwargs)
-            (arm_dir / "victim").write_text(str(os.getpid()))
-            while True:
-                time.sleep(3600)
-
-    return HangingClient
-
-
-def test_hung_actor_times_out_and_its_work_is_redispatched(reference, small_data, tmp_path):
+def test_hung_actor_times_out_and_its_work_is_redispatched(reference, runs, small_data, tmp_path):
     """fl.task_timeout_s: a task past it is a lost client; the hung actor is killed and replaced, the task
     re-dispatched, and the run still reproduces the reference bit for bit."""
-    out, arm = tmp_path / "run", tmp_path / "arm"
-    arm.mkdir()
+    out = tmp_path / "run"
     timeout = 5.0  # far above a task of this workload (< 1 s), far below "forever"
-    s = run_federated(
-        small_cfg(task_timeout_s=timeout),
-        seed=0,
-        out_dir=out,
-        data=small_data,
-        on_round=arm_after_round(arm, 1),
-        client_cls=make_hanging_client(arm),
-    )
+    cfg = small_cfg(task_timeout_s=timeout)
+    s = runs(cfg, out_dir=out, data=small_data, on_round=runs.arm_after_round("hang", 1))
     recs = read_jsonl(out / "metrics.jsonl")
     assert len(recs[1]["failed_clients"]) == 1 and recs[1]["lost_clients"] == []
     assert all(r["num_updates"] == 5 for r in recs) and s["failed_clients"] == 1
@@ -310,31 +430,23 @@ def test_hung_actor_times_out_and_its_work_is_redispatched(reference, small_data
     assert [e["event"] for e in events] == ["task_timeout"]
     assert events[0]["client"] == recs[1]["failed_clients"][0] and events[0]["seconds"] >= timeout
     # the hung actor no longer holds its slot: two live actors, neither of them the victim, ran the later tasks
-    after = set((arm / "after").read_text().split())
-    assert len(after) == 2 and (arm / "victim").read_text() not in after
+    after = set((runs.ctl / "after").read_text().split())
+    assert len(after) == 2 and (runs.ctl / "victim").read_text() not in after
     assert_same_weights(out, reference[0])
 
 
-def test_faults_without_retries_poisoned_client_and_dead_actor(tmp_path, ray_session):
+def test_faults_without_retries_poisoned_client_and_dead_actor(runs, small_data, tmp_path):
     """client_retries=0: a killed actor's client is lost and the round aggregates the survivors; a client
     with poisoned (NaN) images sends a non-finite update every round and is rejected each time."""
-    data = prepare_federated_data(small_cfg(), seed=0)
+    data = dataclasses.replace(small_data, clients=list(small_data.clients))  # the module's stays clean
     data.clients[3] = (torch.full_like(data.clients[3][0], float("nan")), data.clients[3][1])
-    out, arm = tmp_path / "run", tmp_path / "arm"
-    arm.mkdir()
-    killer = kill_when_fired(arm, actor_namespace(out))
+    out = tmp_path / "run"
+    killer = kill_when_fired(runs.ctl)
     local = {"epochs": 1, "batch_size": 32, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}}
     cfg = small_cfg(
         rounds=2, clients_per_round=10, client_retries=0, local=local, strategy={"name": "fedavg"}
     )
-    s = run_federated(
-        cfg,
-        seed=0,
-        out_dir=out,
-        data=data,
-        on_round=arm_after_round(arm, 1),
-        client_cls=make_killable_client(arm),
-    )
+    s = runs(cfg, out_dir=out, data=data, on_round=runs.arm_after_round("kill", 1))
     killer.join(timeout=5)
     r1, r2 = read_jsonl(out / "metrics.jsonl")
     assert r1["rejected"] == [3] and r1["num_updates"] == 9 and r1["lost_clients"] == []
@@ -350,13 +462,13 @@ def test_faults_without_retries_poisoned_client_and_dead_actor(tmp_path, ray_ses
     assert all("non-finite" in r for r in reasons)
 
 
-def test_update_norm_bound_rejects_and_skips_round(small_data, tmp_path, ray_session):
+def test_update_norm_bound_rejects_and_skips_round(runs, small_data, tmp_path):
     """A norm bound below every update: all rejected, the round is skipped, the model stays at its init."""
     init = tmp_path / "init.safetensors"
     torch.manual_seed(1)
     save_weights(init, build_model("cnn", 10, (1, 28, 28)).state_dict())
     cfg = small_cfg(rounds=1, max_update_norm=1e-6, num_actors=1, strategy={"name": "fedavg"})
-    s = run_federated(cfg, seed=0, out_dir=tmp_path / "norm", data=small_data, init_weights=init)
+    s = runs(cfg, out_dir=tmp_path / "norm", data=small_data, init_weights=init)
     rec = read_jsonl(tmp_path / "norm" / "metrics.jsonl")[0]
     assert rec["skipped"] and rec["num_updates"] == 0 and len(rec["rejected"]) == 5
     assert s["skipped_rounds"] == [1] and s["init"] == str(init)
@@ -364,123 +476,32 @@ def test_update_norm_bound_rejects_and_skips_round(small_data, tmp_path, ray_ses
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
 
 
-# ------------------------------------------------------------------------------------ overlap and queueing
-def tiny_cfg(**fl):
-    """tests/fl_runs.py's tiny MNIST run with 2 actors, 3 rounds, a checkpoint every round."""
-    from tests.fl_runs import tiny_config
-
-    return tiny_config({"name": "fedavg"}, fl={"num_actors": 2, "rounds": 3, **fl})
-
-
-def untimed(recs: list[dict]) -> list[dict]:
-    """Metrics records without their seconds (keys ending in ``_s``), which differ between any two runs."""
-    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in recs]
-
-
-@pytest.fixture(scope="module")
-def tiny_sequential(ray_session, data_dir, tmp_path_factory):
-    """The tiny run in the sequential order: a blocking on_round makes each evaluation a barrier."""
-    out = tmp_path_factory.mktemp("sequential")
-    run_federated(tiny_cfg(), seed=0, out_dir=out, on_round=lambda rec: None)
-    return out
+# ------------------------------------------------------------------------------------ isolated control
+def test_isolated_control(runs, small_data, tmp_path):
+    cfg = small_cfg(mode="isolated", isolated_clients=3, isolated_epochs=2, num_actors=1)
+    s = runs(cfg, out_dir=tmp_path, data=small_data)
+    accs = s["isolated_accuracies"]
+    assert len(accs) == 3 and len(set(s["isolated_clients"])) == 3 and s["isolated_epochs"] == 2
+    assert s["isolated_mean_accuracy"] == pytest.approx(np.mean(accs))
+    assert s["isolated_std_accuracy"] == pytest.approx(np.std(accs))
+    assert all(0.05 < a < 1 for a in accs)
+    lines = read_jsonl(tmp_path / "metrics.jsonl")
+    assert sorted(r["client"] for r in lines) == s["isolated_clients"]
+    assert [r["num_samples"] for r in lines] == [len(small_data.clients[c][1]) for c in s["isolated_clients"]]
+    # resuming a finished control retrains nothing and reports the same numbers
+    again = runs(cfg, out_dir=tmp_path, data=small_data, resume=True)
+    assert again["isolated_accuracies"] == accs and len(read_jsonl(tmp_path / "metrics.jsonl")) == 3
 
 
-def make_timed_client(log_dir: Path):
-    """A client that logs each task's method, actor and start/end time; fl-client-1's first evaluation takes
-    2 s longer, so that what the other actor does meanwhile shows."""
-
-    class TimedClient(FLClient):
-        def _timed(self, method: str, *args):
-            import ray
-
-            actor = ray.get_runtime_context().get_actor_name()
-            start = time.time()
-            if method == "evaluate" and actor == "fl-client-1" and not getattr(self, "slowed", False):
-                self.slowed = True
-                time.sleep(2.0)
-            out = getattr(super(), method)(*args)
-            with open(log_dir / f"{actor}.jsonl", "a") as f:
-                f.write(
-                    json.dumps({"method": method, "actor": actor, "start": start, "end": time.time()}) + "\n"
-                )
-            return out
-
-        def train(self, *args):
-            return self._timed("train", *args)
-
-        def evaluate(self, *args):
-            return self._timed("evaluate", *args)
-
-    return TimedClient
-
-
-def test_evaluation_runs_alongside_next_round_with_identical_results(tiny_sequential, tmp_path):
-    """Round r's evaluation and round r+1's training share the actors (a training task starts while an
-    evaluation still runs on the other actor); weights and metrics are those of the sequential order."""
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    run_federated(tiny_cfg(), seed=0, out_dir=tmp_path / "run", client_cls=make_timed_client(logs))
-    tasks = [json.loads(line) for f in logs.iterdir() for line in f.read_text().splitlines()]
-    slow = max((t for t in tasks if t["method"] == "evaluate"), key=lambda t: t["end"] - t["start"])
-    assert slow["actor"] == "fl-client-1" and slow["end"] - slow["start"] >= 2.0
-    assert any(
-        t["method"] == "train" and t["actor"] != slow["actor"] and slow["start"] < t["start"] < slow["end"]
-        for t in tasks
-    )
-    assert_same_weights(tmp_path / "run", tiny_sequential)
-    recs = read_jsonl(tmp_path / "run" / "metrics.jsonl")
-    assert [r["round"] for r in recs] == [1, 2, 3]
-    assert untimed(recs) == untimed(read_jsonl(tiny_sequential / "metrics.jsonl"))
-
-
-def make_eval_crash_client(arm_dir: Path):
-    """A client whose first evaluation after arming raises (a bug in an evaluation task aborts the run)."""
-
-    class EvalCrashClient(FLClient):
-        def evaluate(self, *args):
-            import os
-
-            try:
-                os.rename(arm_dir / "armed", arm_dir / "fired")
-            except FileNotFoundError:
-                return super().evaluate(*args)
-            raise RuntimeError("evaluation crash (test)")
-
-    return EvalCrashClient
-
-
-def test_checkpoint_waits_for_its_evaluation_and_resume_is_exact(tiny_sequential, tmp_path):
-    """Round 2 trains and aggregates, then its evaluation fails while round 3 trains: round 2's checkpoint is
-    never committed (a checkpoint always holds its round's evaluation), and the resumed run redoes round 2
-    and ends bit-identical to the sequential run."""
-    out, arm = tmp_path / "run", tmp_path / "arm"
-    arm.mkdir()
-    with pytest.raises(Exception, match="evaluation crash"):
-        run_federated(
-            tiny_cfg(),
-            seed=0,
-            out_dir=out,
-            client_cls=make_eval_crash_client(arm),
-            on_round=arm_after_round(arm, 1),
-            on_round_overlaps=True,
-        )
-    assert (arm / "fired").exists()
-    assert read_json(out / "checkpoint" / "latest.json")["round"] == 1
-    assert [r["round"] for r in read_jsonl(out / "metrics.jsonl")] == [1]
-    run_federated(tiny_cfg(), seed=0, out_dir=out, resume=True)
-    assert_same_weights(out, tiny_sequential)
-    assert untimed(read_jsonl(out / "metrics.jsonl")) == untimed(
-        read_jsonl(tiny_sequential / "metrics.jsonl")
-    )
-
-
-def test_a_later_run_adopts_the_idle_actors_and_matches_fresh_ones(tiny_sequential, tmp_path, caplog):
+# ------------------------------------------------------------------------------------ actor reuse and queueing
+def test_a_later_run_adopts_the_idle_actors_and_matches_fresh_ones(
+    tiny_sequential, no_idle_actors, tmp_path, caplog
+):
     """IdleActors (what `gptfl run` does for the arms of a seed): the second run takes over the first run's
     actors, rebuilt for another model and strategy, and ends bit-identical to the run on fresh actors; leaving
     the scope stops them."""
     import os
 
-    from gptfl_ray.fl.pool import IdleActors
     from tests.fl_runs import tiny_config
 
     def pids() -> set[int]:
@@ -540,7 +561,7 @@ def make_sleeper():
     return Sleeper
 
 
-def test_pool_keeps_a_task_queued_per_actor_and_requeues_unstarted_work(ray_session, tmp_path):
+def test_pool_keeps_a_task_queued_per_actor_and_requeues_unstarted_work(no_idle_actors, tmp_path):
     """Each actor holds a second task behind its running one; run()'s tasks go ahead of submitted ones;
     a hung actor's queued task never started, so it returns to the queue uncounted."""
     from gptfl_ray.fl.pool import ClientPool, Task, TaskDeadlines
@@ -576,23 +597,6 @@ def test_pool_keeps_a_task_queued_per_actor_and_requeues_unstarted_work(ray_sess
         pool.shutdown()
 
 
-# ------------------------------------------------------------------------------------ isolated control
-def test_isolated_control(small_data, tmp_path, ray_session):
-    cfg = small_cfg(mode="isolated", isolated_clients=3, isolated_epochs=2, num_actors=1)
-    s = run_federated(cfg, seed=0, out_dir=tmp_path, data=small_data)
-    accs = s["isolated_accuracies"]
-    assert len(accs) == 3 and len(set(s["isolated_clients"])) == 3 and s["isolated_epochs"] == 2
-    assert s["isolated_mean_accuracy"] == pytest.approx(np.mean(accs))
-    assert s["isolated_std_accuracy"] == pytest.approx(np.std(accs))
-    assert all(0.05 < a < 1 for a in accs)
-    lines = read_jsonl(tmp_path / "metrics.jsonl")
-    assert sorted(r["client"] for r in lines) == s["isolated_clients"]
-    assert [r["num_samples"] for r in lines] == [len(small_data.clients[c][1]) for c in s["isolated_clients"]]
-    # resuming a finished control retrains nothing and reports the same numbers
-    again = run_federated(cfg, seed=0, out_dir=tmp_path, data=small_data, resume=True)
-    assert again["isolated_accuracies"] == accs and len(read_jsonl(tmp_path / "metrics.jsonl")) == 3
-
-
 # ------------------------------------------------------------------------------------ CLI
 def write_cfg(tmp_path: Path, **fl) -> Path:
     import yaml
@@ -604,7 +608,7 @@ def write_cfg(tmp_path: Path, **fl) -> Path:
     return path
 
 
-def test_cli_federate_and_resume(ray_session, data_dir, tmp_path, capsys):
+def test_cli_federate_and_resume(no_idle_actors, data_dir, tmp_path, capsys):
     from gptfl_ray.cli import main
 
     cfg = write_cfg(tmp_path, rounds=2, num_actors=1, strategy={"name": "fedprox", "mu": 0.01})
