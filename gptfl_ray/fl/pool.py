@@ -146,8 +146,9 @@ class IdleActors:
 
     A finished run gives its actors back; the next run takes those of its kind (the pool reconfigures them)
     and every other idle actor is killed, so none keeps CPUs the new run's actors need. Idle actors hold their
-    resources: use a scope only around consecutive FL runs, with no other Ray work in between. ``close`` (or
-    leaving the ``with`` block) kills what is left."""
+    resources: use a scope only around consecutive FL runs, with no other Ray work in between. An adopted actor
+    keeps the name and namespace of the run that started it (the dashboard shows it under that run's
+    namespace). ``close`` (or leaving the ``with`` block) kills what is left."""
 
     def __init__(self) -> None:
         self._idle: list[tuple[ActorKind, Any]] = []
