@@ -159,10 +159,8 @@ class IdleActors:
     def take(self, kind: ActorKind, n: int) -> list[Any]:
         mine = [a for k, a in self._idle if k == kind][:n]
         taken = {id(a) for a in mine}
-        for _, a in self._idle:
-            if id(a) not in taken:
-                ray.kill(a, no_restart=True)
-        self._idle = []
+        self._idle = [(k, a) for k, a in self._idle if id(a) not in taken]
+        self.close()
         return mine
 
     def close(self) -> None:
