@@ -213,7 +213,8 @@ def synthetic_ray_dataset(dir: str | Path, data_cfg: DataConfig) -> Any:
     # Ray 2.60's default parquet reader (DataSourceV2) starts a fresh pool of FooterReader actors for every read to
     # fetch the footers in parallel: new processes (~2 s of CPU each) that cost more than they save on a folder
     # whose manifest already lists its shards (measured: 120 rows in 6 shards, 12.8 s vs 4.3 s for the first read on
-    # 2 CPUs). The V1 reader fetches footers in the driver, or in tasks beyond a few dozen files.
+    # 2 CPUs). The V1 reader lists the files in the driver and samples a few of them in plain tasks, which run on
+    # Ray's pooled worker processes.
     ctx = ray.data.DataContext.get_current()
     saved, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
     try:
