@@ -211,14 +211,21 @@ COVERED = {
 # test_fl_secagg.py).
 
 
+def differing_fields(run_a: dict, run_b: dict) -> set[str]:
+    """The dotted fields in which two grid points' run configs differ, bar the run's name."""
+    from gptfl_ray.tracking import flatten
+
+    a, b = flatten(run_a), flatten(run_b)
+    return {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} - {"name"}
+
+
 def test_smoke_points_not_run_repeat_a_run_one():
     """Each smoke point of a config not run in --smoke differs from the run config's point of the same init only in
     fields whose code paths other tests cover (COVERED)."""
-    from gptfl_ray.tracking import flatten
 
     def smoke_points(name):
         sweep_cfg, run = load_sweep(REPO / "tune_configs" / name, smoke=True)
-        return sweep_cfg.kind, {p["init"]: flatten(p["run"]) for p in grid_points(sweep_cfg, run)}
+        return sweep_cfg.kind, {p["init"]: p["run"] for p in grid_points(sweep_cfg, run)}
 
     run_names = {p.name for p in [*SMOKE_RUNS, QUICKSTART]}
     assert set(REPEATS) == {p.name for p in TUNE_CONFIGS if not p.name.startswith("baselines-")} - run_names
@@ -226,10 +233,8 @@ def test_smoke_points_not_run_repeat_a_run_one():
         kind, points = smoke_points(name)
         ran_kind, ran_points = smoke_points(ran)
         assert kind == ran_kind and set(points) <= set(ran_points), name
-        for init, flat in points.items():
-            other = ran_points[init]
-            differ = {k for k in flat.keys() | other.keys() if flat.get(k) != other.get(k)}
-            differ.discard("name")
+        for init, point_run in points.items():
+            differ = differing_fields(point_run, ran_points[init])
             assert differ <= set(COVERED), (name, init, sorted(differ - set(COVERED)))
 
 
@@ -327,7 +332,6 @@ def test_baselines_flowers102_runs_in_smoke_mode_on_a_tiny_layout(tmp_path, ray_
     unrolls VGG19: 6.5 min alone), so the suite leaves them to `gptfl sweep tune_configs/baselines-flowers102.yaml
     --smoke`."""
     from gptfl_ray.sweep import sweep
-    from gptfl_ray.tracking import flatten
 
     data_dir = tmp_path / "data"
     write_tiny_flowers102(data_dir)
@@ -341,9 +345,8 @@ def test_baselines_flowers102_runs_in_smoke_mode_on_a_tiny_layout(tmp_path, ray_
         for n in ("fedavg-convnet", "fedgen-convnet")
     )
     assert fedavg_point["init"] == fedgen_point["init"] == "random"
-    fedavg, fedgen = flatten(fedavg_point["run"]), flatten(fedgen_point["run"])
-    differ = {k for k in fedavg.keys() | fedgen.keys() if fedavg.get(k) != fedgen.get(k)}
-    assert differ - {"name"} and all(k.startswith("fl.strategy") for k in differ - {"name"}), differ
+    differ = differing_fields(fedavg_point["run"], fedgen_point["run"])
+    assert differ and all(k.startswith("fl.strategy") for k in differ), differ
     del convnet["fedavg-convnet"]
     sweep_cfg = sweep_cfg.model_copy(update={"arms": list(convnet.values())})
     out = sweep(sweep_cfg, run, tmp_path / "sweep", shared_dir=tmp_path / "shared")
